@@ -1,0 +1,242 @@
+"""The training loop: state, the pure sharded train and eval steps, metrics and progress.
+
+The train step is one `jax.jit` over the whole global batch with explicit shardings: the batch
+and the BN groups split over the mesh, parameters and optimizer state replicated. XLA inserts
+the gradient all-reduce; BatchNorm stays local to each group (see models/norm.py), so the
+only collective of the step is the one the paper has too.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from lbsgd import checkpoints, input_pipeline, models, optim, parallel
+from lbsgd import config as config_lib
+from lbsgd.metrics import MetricsLogger
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # number of updates applied; the schedule's input
+    params: dict
+    batch_stats: dict  # per-worker running averages, one row per BN group (models/norm.py)
+    opt_state: optax.OptState
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy, in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def normalize(images: jax.Array, dataset: input_pipeline.Dataset, dtype: Any) -> jax.Array:
+    """uint8 pixels -> per-channel standardized values, on the device."""
+    mean = jnp.asarray(dataset.mean, jnp.float32)
+    std = jnp.asarray(dataset.std, jnp.float32)
+    return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def build_model(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> nnx.Module:
+    return models.create_model(
+        config.model,
+        num_classes=config.num_classes,
+        in_channels=dataset.image_shape[-1],
+        bn_group_size=config.bn_group_size,
+        bn_num_groups=config.global_batch_size // config.bn_group_size,
+        bn_momentum=config.bn_momentum,
+        dtype=config.dtype,
+        seed=config.seed,
+    )
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """Replicate everything but the per-worker BN statistics, which live with their group."""
+    replicated = parallel.replicated(mesh)
+    return TrainState(
+        step=replicated,
+        params=jax.tree.map(lambda _: replicated, state.params),
+        batch_stats=jax.tree.map(lambda _: parallel.batch_sharding(mesh), state.batch_stats),
+        opt_state=jax.tree.map(lambda _: replicated, state.opt_state),
+    )
+
+
+def create_train_state(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset,
+                       tx: optax.GradientTransformation, mesh: Mesh):
+    """(graphdef, state): the state is created directly in its shardings, never on one device."""
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config, dataset)))[0]
+
+    def init() -> TrainState:
+        _, params, stats = nnx.split(build_model(config, dataset), nnx.Param, nnx.BatchStat)
+        params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                          opt_state=tx.init(params))
+
+    shardings = state_shardings(jax.eval_shape(init), mesh)
+    return graphdef, jax.jit(init, out_shardings=shardings)()
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, learning_rate_fn: Callable,
+               dataset: input_pipeline.Dataset, dtype: Any) -> tuple[TrainState, dict]:
+    """One SGD update on the global batch: a pure function of (state, batch)."""
+    images = normalize(batch["image"], dataset, dtype)
+    labels = batch["label"]
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state.batch_stats)
+        logits = model(images, train=True)
+        # Remark 3: the loss is summed over all kn images and divided by kn (not by n).
+        loss = cross_entropy(logits, labels).mean()
+        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {
+        "loss": loss,
+        "train_top1": jnp.mean(jnp.argmax(logits, axis=-1) == labels),
+        "lr": learning_rate_fn(state.step),  # the rate this update used
+    }
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
+              dataset: input_pipeline.Dataset, dtype: Any) -> dict:
+    """Sums over the real (unmasked) images of one padded evaluation batch."""
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    logits = model(normalize(batch["image"], dataset, dtype), train=False)
+    labels, mask = batch["label"], batch["mask"]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+        "top1": jnp.sum((top5[:, 0] == labels) * mask),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def _jit_steps(config, dataset, graphdef, tx, learning_rate_fn, state, mesh):
+    """The jitted train and eval steps with explicit shardings (pjit semantics, no pmap)."""
+    shardings = state_shardings(state, mesh)
+    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    dtype = jnp.dtype(config.dtype)
+    train = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx,
+                          learning_rate_fn=learning_rate_fn, dataset=dataset, dtype=dtype),
+        in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
+        donate_argnums=0)
+    evaluate = jax.jit(
+        functools.partial(eval_step, graphdef=graphdef, dataset=dataset, dtype=dtype),
+        in_shardings=(shardings, batch), out_shardings=replicated)
+    return train, evaluate
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run derives from its config, built once (also used by tests, benchmarks)."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    dataset: input_pipeline.Dataset
+    steps_per_epoch: int  # floor(N / kn)
+    total_steps: int
+    learning_rate_fn: Callable
+    graphdef: nnx.GraphDef
+    state: TrainState  # freshly initialized
+    train_step: Callable  # jitted (state, global batch) -> (state, metrics)
+    eval_step: Callable  # jitted (state, padded global batch) -> sums
+
+    def train_batches(self, start_step: int = 0):
+        """This process's rows of every global batch from `start_step` (Remark 4)."""
+        kn = self.config.global_batch_size
+        return input_pipeline.train_batches(
+            self.dataset.train, global_batch_size=kn, seed=self.config.seed,
+            rows=parallel.process_rows(kn, self.mesh), start_step=start_step)
+
+
+def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experiment:
+    """Validate `config` on `mesh` (all devices by default) and build the run's pieces."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    config_lib.validate(config, num_devices=mesh.size)
+    dataset = input_pipeline.load_dataset(config.dataset)
+    check_dataset(config, dataset)
+    steps_per_epoch = optim.steps_per_epoch(len(dataset.train), config.global_batch_size)
+    total_steps = config.num_epochs * steps_per_epoch
+    if config.max_steps > 0:
+        total_steps = min(total_steps, config.max_steps)
+    learning_rate_fn = optim.learning_rate_schedule(config, steps_per_epoch)
+    tx = optim.make_optimizer(config, steps_per_epoch)
+    graphdef, state = create_train_state(config, dataset, tx, mesh)
+    train_fn, eval_fn = _jit_steps(config, dataset, graphdef, tx, learning_rate_fn, state, mesh)
+    return Experiment(config, mesh, dataset, steps_per_epoch, total_steps, learning_rate_fn,
+                      graphdef, state, train_fn, eval_fn)
+
+
+def evaluate(ex: "Experiment", state: TrainState) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy over every evaluation image exactly once."""
+    batch_size = ex.config.eval_batch_size
+    rows = parallel.process_rows(batch_size, ex.mesh)
+    totals = None
+    for batch in input_pipeline.eval_batches(ex.dataset.eval, batch_size=batch_size, rows=rows):
+        sums = ex.eval_step(state, parallel.global_batch(batch, ex.mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"eval_loss": float(totals["loss"]) / count, "eval_top1": float(totals["top1"]) / count,
+            "eval_top5": float(totals["top5"]) / count}
+
+
+def check_dataset(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> None:
+    if config.num_classes != dataset.num_classes:
+        raise config_lib.ConfigError(
+            f"num_classes {config.num_classes} does not match dataset {dataset.name!r}, which "
+            f"has {dataset.num_classes} classes: set --config.num_classes={dataset.num_classes}")
+    optim.steps_per_epoch(len(dataset.train), config.global_batch_size)  # raises if kn > N
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train (resuming from the latest checkpoint in `workdir`), evaluating every epoch."""
+    ex = setup(config)
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    state = ckpt.restore_latest(ex.state)
+    start_step, total_steps, steps_per_epoch = int(state.step), ex.total_steps, ex.steps_per_epoch
+    logger = MetricsLogger(workdir, config, total_steps=total_steps,
+                           steps_per_epoch=steps_per_epoch, start_step=start_step)
+    logging.info("%d train images, %d steps per epoch (floor(N / kn) = floor(%d / %d)), "
+                 "%d steps in all, starting at step %d on %d devices",
+                 len(ex.dataset.train), steps_per_epoch, len(ex.dataset.train),
+                 config.global_batch_size, total_steps, start_step, ex.mesh.size)
+
+    batches = ex.train_batches(start_step)
+    pending = None  # metrics of a logged step, read only after the next step is dispatched
+    for step in range(start_step + 1, total_steps + 1):  # `step` = updates done after this one
+        state, metrics = ex.train_step(state, parallel.global_batch(next(batches), ex.mesh))
+        if pending is not None:
+            logger.write_train(*pending)
+            pending = None
+        if step % config.log_every_steps == 0 or step == total_steps:
+            pending = (step, metrics)
+        end_of_epoch = step % steps_per_epoch == 0
+        epoch_done = step // steps_per_epoch
+        if step == total_steps or (end_of_epoch and epoch_done % config.eval_every_epochs == 0):
+            if pending is not None:
+                logger.write_train(*pending)
+                pending = None
+            logger.write_eval(step, evaluate(ex, state))
+        if step == total_steps or end_of_epoch or step % config.checkpoint_every_steps == 0:
+            ckpt.save(step, state)
+    ckpt.wait()
+    logger.close()
+    return state

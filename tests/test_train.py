@@ -1,0 +1,121 @@
+"""The sharded train step: hardware invariance, a per-worker reference, and its communication."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lbsgd import models, parallel, train
+from tests.helpers import tiny_config
+
+
+def _run(config, devices, steps):
+    """Losses and final state of `steps` updates on a mesh over `devices`."""
+    ex = train.setup(config, parallel.make_mesh(devices))
+    state, batches, losses = ex.state, ex.train_batches(), []
+    for _ in range(steps):
+        state, metrics = ex.train_step(state, parallel.global_batch(next(batches), ex.mesh))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(state)
+
+
+def test_one_device_and_eight_devices_train_the_same_function():
+    # Gradual warmup from base 0.1 up to kn/256 * 0.1 with kn = 512 changes the rate each step.
+    config = tiny_config(global_batch_size=512, bn_group_size=32, warmup="gradual")
+    losses_1, state_1 = _run(config, jax.devices()[:1], steps=4)
+    losses_8, state_8 = _run(config, jax.devices(), steps=4)
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(losses_1, losses_8, rtol=2e-5)
+    assert losses_1[-1] < losses_1[0]  # it trains: the comparison is not between two no-ops
+    for tree in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                     getattr(state_1, tree), getattr(state_8, tree))
+
+
+def _worker_loss_and_stats(graphdef, params, stats, images, labels):
+    model = nnx.merge(graphdef, params, stats)
+    logits = model(images, train=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+def test_train_step_equals_a_loop_over_workers():
+    """Sec. 2/3: k workers of n images, each with its own BN, gradients averaged over workers."""
+    config = tiny_config(warmup="none", weight_decay=1e-3)
+    ex = train.setup(config, parallel.make_mesh(jax.devices()[:1]))
+    state0 = jax.device_get(ex.state)
+    batch = next(ex.train_batches())
+    new_state, metrics = ex.train_step(ex.state, parallel.global_batch(batch, ex.mesh))
+
+    n, k = config.bn_group_size, config.global_batch_size // config.bn_group_size
+    worker_model = models.create_model(config.model, num_classes=10, in_channels=1,
+                                       bn_group_size=n, bn_num_groups=1)
+    graphdef = nnx.split(worker_model)[0]
+    images = train.normalize(jnp.asarray(batch["image"]), ex.dataset, jnp.float32)
+    losses, grads, stats = [], [], []
+    for w in range(k):
+        rows = slice(w * n, (w + 1) * n)
+        stats_w = jax.tree.map(lambda x, w=w: jnp.asarray(x[w:w + 1]), state0.batch_stats)
+        (loss, new_stats), grad = jax.value_and_grad(_worker_loss_and_stats, argnums=1,
+                                                     has_aux=True)(
+            graphdef, state0.params, stats_w, images[rows], batch["label"][rows])
+        losses.append(loss)
+        grads.append(grad)
+        stats.append(new_stats)
+
+    # Remark 3: the loss over kn images divided by kn is the mean of the workers' means.
+    np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-6)
+    # One step of eq. (9) from zero momentum: w - lr * (g + lambda * w), no decay on BN gamma/beta.
+    lr = 0.1 * config.global_batch_size / 256
+
+    def expected(path, w, *worker_grads):
+        decay = config.weight_decay * w if path[-1].key not in ("gamma", "beta") else 0.0
+        return w - lr * (np.mean(worker_grads, axis=0) + decay)
+
+    reference = jax.tree_util.tree_map_with_path(expected, state0.params, *grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(new_state.params), reference)
+    # Each worker's running statistics come from its own images only.
+    reference_stats = jax.tree.map(lambda *rows: np.concatenate(rows), *stats)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.device_get(new_state.batch_stats), reference_stats)
+
+
+_SHAPE = re.compile(r"\b(f64|f32|bf16|f16|s32|u32|s8|u8|pred)\[([\d,]*)\]")
+_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1,
+          "pred": 1}
+
+
+def _collectives(hlo: str):
+    """(op, [(dtype, dims)]) for every collective instruction of an optimized HLO module."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                      r"collective-permute|collective-broadcast)(?:-start)?\(", line)
+        if m:
+            shapes = [(t, tuple(int(d) for d in dims.split(",") if d))
+                      for t, dims in _SHAPE.findall(m.group(1))]
+            found.append((m.group(2), shapes))
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_only_collective_is_the_gradient_all_reduce(dtype):
+    """BN costs no communication: the 8-device step all-reduces the gradients and nothing else."""
+    config = tiny_config(dtype=dtype)
+    ex = train.setup(config, parallel.make_mesh())
+    batch = parallel.global_batch(next(ex.train_batches()), ex.mesh)
+    hlo = ex.train_step.lower(ex.state, batch).compile().as_text()
+    collectives = _collectives(hlo)
+
+    assert {op for op, _ in collectives} == {"all-reduce"}, collectives
+    tensors = [(t, dims) for _, shapes in collectives for t, dims in shapes]
+    reduced = sum(_BYTES[t] * int(np.prod(dims)) for t, dims in tensors if dims)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ex.state.params))
+    assert reduced == param_bytes
+    # Besides the gradients only the scalar loss and top-1 means cross devices.
+    assert len([dims for _, dims in tensors if not dims]) <= 2
