@@ -346,3 +346,27 @@ def test_make_optimizer_matches_numpy_eq9_reference(form):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"update {t}")
         for a, b in zip(flat(p), p_ref, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"params {t}")
+
+
+def test_weight_decay_mask_on_resnet50_spares_exactly_the_batchnorm_coefficients():
+    """Sec. 5.1 decays every weight but BN's gamma and beta; counted from the architecture."""
+    from flax import nnx
+
+    from lbsgd import models
+
+    model = nnx.eval_shape(lambda: models.create_model("resnet50", num_classes=1000))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mask = optim.weight_decay_mask(params)
+    pairs = [(int(np.prod(p.shape)), m)
+             for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True)]
+    decayed = sum(size for size, m in pairs if m)
+    spared = sum(size for size, m in pairs if not m)
+
+    # Every BN has C gammas and C betas. Stem: 64 channels. Each bottleneck stage (width w,
+    # b blocks): BNs of w, w, 4w per block, plus 4w on the projection shortcut.
+    stages = [(64, 3), (128, 4), (256, 6), (512, 3)]
+    bn_channels = 64 + sum(b * (w + w + 4 * w) + 4 * w for w, b in stages)
+    assert spared == 2 * bn_channels == 53_120
+    assert decayed + spared == 25_557_032
+    # The FC bias is not a BN coefficient: it is decayed, as every non-BN parameter.
+    assert mask["fc"]["bias"] and mask["fc"]["kernel"]
