@@ -45,4 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 1
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    # Comma-separated fields a resume may change on purpose (e.g. "num_epochs"); any other
+    # change of a field that shapes the trajectory stops the resume with a message.
+    c.resume_allow_changes = ""
     return c

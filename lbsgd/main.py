@@ -29,6 +29,8 @@ def _launched_on_cluster() -> bool:
 
 
 def _initialize_distributed(jax) -> None:
+    # Real collectives between CPU processes (tests, CPU clusters); GPUs and TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _launched_on_cluster():
@@ -53,15 +55,16 @@ def main(argv):
     import jax
 
     _initialize_distributed(jax)
+    from lbsgd import checkpoints, train
     from lbsgd import config as config_lib
-    from lbsgd import train
 
     logging.info("JAX %s: process %d of %d, %d devices (%d local)", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.device_count(),
                  jax.local_device_count())
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, checkpoints.ResumeError, train.DivergenceError) as e:
+        # Expected failures get their message, not a stack trace.
         raise SystemExit(f"lbsgd: {e}") from None
 
 

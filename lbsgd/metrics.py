@@ -12,7 +12,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import metric_writers
 
@@ -43,12 +42,19 @@ class MetricsLogger:
             else metric_writers.MultiWriter([]))
 
     def _drop_rows_after(self, step: int) -> None:
+        """Keep the rows up to the resumed step; a line cut off by a crash is dropped too."""
         if not os.path.exists(self.path):
             return
+        kept = []
         with open(self.path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError):
+                    continue
         with open(self.path, "w") as f:
-            f.writelines(rows)
+            f.writelines(kept)
 
     def _write(self, row: dict) -> None:
         if self.is_chief:
@@ -56,9 +62,8 @@ class MetricsLogger:
                 f.write(json.dumps(row) + "\n")
         self.writer.write_scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
 
-    def write_train(self, step: int, metrics: dict) -> None:
-        """Log one step's metrics; reading them waits for that step (and only that step)."""
-        values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    def write_train(self, step: int, values: dict[str, float]) -> None:
+        """Log one step's metrics, with the throughput since the previous row and an ETA."""
         now = time.perf_counter()
         seconds_per_step = (now - self.last_time) / max(step - self.last_step, 1)
         self.last_step, self.last_time = step, now

@@ -8,6 +8,7 @@ only collective of the step is the one the paper has too.
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         "loss": loss,
         "train_top1": jnp.mean(jnp.argmax(logits, axis=-1) == labels),
         "lr": learning_rate_fn(state.step),  # the rate this update used
+        "grad_norm": optax.tree.norm(grads),  # also catches an Inf gradient of a finite loss
     }
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -206,11 +208,32 @@ def check_dataset(config: ml_collections.ConfigDict, dataset: input_pipeline.Dat
     optim.steps_per_epoch(len(dataset.train), config.global_batch_size)  # raises if kn > N
 
 
+class DivergenceError(RuntimeError):
+    """A non-finite loss or gradient: the run stops before anything of it is saved."""
+
+
+def _read_step(step: int, metrics: dict) -> dict[str, float]:
+    """Fetch one step's metrics (waiting for that step only) and refuse non-finite ones."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+        raise DivergenceError(
+            f"training diverged at step {step} (lr {values['lr']:.6g}): loss {values['loss']}, "
+            f"gradient norm {values['grad_norm']}. Nothing from this step on was saved; the "
+            "last good checkpoint is intact. Lower base_lr or lengthen warmup_epochs.")
+    return values
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train (resuming from the latest checkpoint in `workdir`), evaluating every epoch."""
+    """Train, resuming from the latest checkpoint in `workdir`, evaluating every epoch.
+
+    Every step's metrics are read one step late, after the next step is dispatched, so the
+    device never waits for the host; they are checked for divergence at every step, and a
+    step's rows are written before its checkpoint, so a rerun after a crash rewrites exactly
+    the rows after the checkpoint it resumes from.
+    """
     ex = setup(config)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state = ckpt.restore_latest(ex.state)
+    state = ckpt.restore_latest(ex.state, config)
     start_step, total_steps, steps_per_epoch = int(state.step), ex.total_steps, ex.steps_per_epoch
     logger = MetricsLogger(workdir, config, total_steps=total_steps,
                            steps_per_epoch=steps_per_epoch, start_step=start_step)
@@ -219,24 +242,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  len(ex.dataset.train), steps_per_epoch, len(ex.dataset.train),
                  config.global_batch_size, total_steps, start_step, ex.mesh.size)
 
-    batches = ex.train_batches(start_step)
-    pending = None  # metrics of a logged step, read only after the next step is dispatched
-    for step in range(start_step + 1, total_steps + 1):  # `step` = updates done after this one
-        state, metrics = ex.train_step(state, parallel.global_batch(next(batches), ex.mesh))
-        if pending is not None:
-            logger.write_train(*pending)
-            pending = None
+    def finish(step: int, metrics: dict) -> None:
+        values = _read_step(step, metrics)
         if step % config.log_every_steps == 0 or step == total_steps:
-            pending = (step, metrics)
-        end_of_epoch = step % steps_per_epoch == 0
-        epoch_done = step // steps_per_epoch
-        if step == total_steps or (end_of_epoch and epoch_done % config.eval_every_epochs == 0):
-            if pending is not None:
-                logger.write_train(*pending)
-                pending = None
-            logger.write_eval(step, evaluate(ex, state))
-        if step == total_steps or end_of_epoch or step % config.checkpoint_every_steps == 0:
-            ckpt.save(step, state)
-    ckpt.wait()
-    logger.close()
+            logger.write_train(step, values)
+
+    batches = ex.train_batches(start_step)
+    unread = None  # (step, metrics) dispatched but not yet read
+    try:
+        with checkpoints.PreemptionWatch() as preemption:
+            for step in range(start_step + 1, total_steps + 1):  # `step`: updates done after it
+                batch = parallel.global_batch(next(batches), ex.mesh)
+                state, metrics = ex.train_step(state, batch)
+                if unread is not None:
+                    finish(*unread)
+                unread = (step, metrics)
+                end_of_epoch = step % steps_per_epoch == 0
+                last = step == total_steps
+                preempted = preemption.reached(step)
+                evaluate_now = last or (end_of_epoch and
+                                        (step // steps_per_epoch) % config.eval_every_epochs == 0)
+                save_now = (last or end_of_epoch or preempted
+                            or step % config.checkpoint_every_steps == 0)
+                if evaluate_now or save_now:
+                    finish(*unread)
+                    unread = None
+                if evaluate_now:
+                    logger.write_eval(step, evaluate(ex, state))
+                if save_now:
+                    ckpt.save(step, state, config)
+                if preempted:
+                    logging.warning("preempted: saved the checkpoint at step %d; rerun the "
+                                    "same command to resume", step)
+                    break
+    finally:
+        ckpt.close()  # whatever happened, saves already started complete
+        logger.close()
     return state

@@ -1,4 +1,10 @@
-"""Small configs shared by the tests: real MNIST images, tiny ResNets, 8 CPU devices."""
+"""Shared by the tests: small configs (real MNIST images, tiny ResNets) and the CLI runner."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from configs import default
 
@@ -19,3 +25,23 @@ def tiny_config(**overrides):
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lbsgd_command(workdir, *overrides, config="configs/demo.py") -> list[str]:
+    return [sys.executable, "-m", "lbsgd.main", f"--config={config}", f"--workdir={workdir}",
+            *overrides]
+
+
+def run_lbsgd(workdir, *overrides, config="configs/demo.py", env=None):
+    """Run the public command to completion, as a user would, from the repository root."""
+    return subprocess.run(lbsgd_command(workdir, *overrides, config=config), cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env=env or os.environ.copy())
+
+
+def metrics_rows(workdir) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

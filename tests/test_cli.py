@@ -1,38 +1,22 @@
 """The public command, started as a user would: python -m lbsgd.main --config=... --workdir=..."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _lbsgd(workdir, *overrides, config="configs/demo.py"):
-    command = [sys.executable, "-m", "lbsgd.main", f"--config={config}", f"--workdir={workdir}",
-               *overrides]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=os.environ.copy())
-
-
-def _rows(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().split("\n")
-            if line]
+from tests.helpers import metrics_rows, run_lbsgd
 
 
 @pytest.mark.slow
 def test_demo_gradual_warmup_reaches_the_scaled_rate_at_the_end_of_epoch_one(tmp_path):
     """The foundation's acceptance command: kn = 512, warmup 1 epoch, 2 epochs, every step."""
-    result = _lbsgd(tmp_path, "--config.global_batch_size=512", "--config.warmup=gradual",
+    result = run_lbsgd(tmp_path, "--config.global_batch_size=512", "--config.warmup=gradual",
                     "--config.warmup_epochs=1", "--config.num_epochs=2",
                     "--config.log_every_steps=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     train_rows = [r for r in rows if "loss" in r]
     steps_per_epoch = 4000 // 512  # 7
     assert [r["step"] for r in train_rows] == list(range(1, 2 * steps_per_epoch + 1))
@@ -61,7 +45,7 @@ def test_demo_gradual_warmup_reaches_the_scaled_rate_at_the_end_of_epoch_one(tmp
 
 
 def test_bad_config_stops_with_the_fields_and_the_fix(tmp_path):
-    result = _lbsgd(tmp_path, "--config.global_batch_size=100", "--config.warmup=linear")
+    result = run_lbsgd(tmp_path, "--config.global_batch_size=100", "--config.warmup=linear")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "global_batch_size 100 is not divisible by bn_group_size 32 x 8 devices" in result.stderr

@@ -1,0 +1,186 @@
+"""Crashes, preemption, divergence, config changes, damaged checkpoints and several processes.
+
+Every case starts the real command in real processes and delivers real signals.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.helpers import REPO, lbsgd_command, metrics_rows, run_lbsgd
+
+pytestmark = pytest.mark.slow
+
+# 62 steps per epoch; the gradual warmup changes the rate at every one of the 24 steps.
+RUN = ("--config.global_batch_size=64", "--config.bn_group_size=8", "--config.max_steps=24",
+       "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
+       "--config.warmup_epochs=0.4")
+
+
+def _trajectory(rows):
+    """Everything on a row but the wall-clock throughput."""
+    return [{k: v for k, v in row.items() if k != "images_per_sec"} for row in rows]
+
+
+def _readable_rows(workdir):
+    """Rows of a run killed mid-write: a torn last line is skipped."""
+    path = Path(workdir) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def _start(workdir, *overrides, env=None, process_args=()):
+    log = open(Path(workdir).parent / f"{Path(workdir).name}-{time.monotonic_ns()}.log", "w")
+    command = lbsgd_command(workdir, *RUN, *overrides, *process_args)
+    return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            env=env or os.environ.copy(), text=True)
+
+
+def _wait_for_rows(workdir, count, processes, timeout=300):
+    deadline = time.monotonic() + timeout
+    while len(_readable_rows(workdir)) < count:
+        assert all(p.poll() is None for p in processes), "the run ended before it was stopped"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.05)
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir()
+                  if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The rows of an uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run_lbsgd(workdir, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _trajectory(metrics_rows(workdir))
+
+
+def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_rows(tmp_path, reference):
+    workdir = tmp_path / "run"
+    for kill_after_rows in (7, 16):  # between checkpoints, twice in the same run
+        process = _start(workdir)
+        _wait_for_rows(workdir, kill_after_rows, [process])
+        process.kill()
+        process.wait()
+        assert len(_readable_rows(workdir)) < len(reference)
+    result = run_lbsgd(workdir, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from the checkpoint at step" in result.stderr
+    assert _trajectory(metrics_rows(workdir)) == reference  # bit-identical, no duplicated rows
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, reference):
+    workdir = tmp_path / "run"
+    process = _start(workdir)
+    _wait_for_rows(workdir, 8, [process])
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    log = next(tmp_path.glob("run-*.log")).read_text()
+    saved = int(re.search(r"preempted: saved the checkpoint at step (\d+)", log).group(1))
+    assert saved < 24 and _checkpoint_steps(workdir)[-1] == saved
+    assert metrics_rows(workdir)[-1]["step"] == saved
+    result = run_lbsgd(workdir, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _trajectory(metrics_rows(workdir)) == reference
+
+
+def test_divergence_stops_with_the_step_and_rate_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_lbsgd(tmp_path, *RUN, "--config.base_lr=1e30", "--config.warmup=none",
+                       "--config.checkpoint_every_steps=1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    match = re.search(r"lbsgd: training diverged at step (\d+) \(lr ([^)]+)\)", result.stderr)
+    assert match, result.stderr[-2000:]
+    step, lr = int(match.group(1)), float(match.group(2))
+    assert lr == pytest.approx(1e30 * 64 / 256, rel=1e-6)
+    assert "the last good checkpoint is intact" in result.stderr
+    saved = _checkpoint_steps(tmp_path)
+    assert saved and saved[-1] < step
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(saved[-1]) / "state")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_resume_that_changes_the_trajectory_is_refused_unless_allowed(tmp_path):
+    assert run_lbsgd(tmp_path, *RUN, "--config.max_steps=6").returncode == 0
+    before = _checkpoint_steps(tmp_path)
+    result = run_lbsgd(tmp_path, *RUN, "--config.seed=1", "--config.momentum=0.8")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert ("lbsgd: the checkpoint at step 6 was trained with a different config: momentum 0.9 "
+            "-> 0.8, seed 0 -> 1. Resuming would change the experiment. Use a new --workdir, "
+            "or, if the change is on purpose (e.g. extending num_epochs), add "
+            "--config.resume_allow_changes=momentum,seed") in result.stderr
+    assert _checkpoint_steps(tmp_path) == before  # a refused resume touches nothing
+    # Run-only fields (max_steps, logging) may change freely; num_epochs with the switch.
+    result = run_lbsgd(tmp_path, *RUN, "--config.max_steps=8", "--config.num_epochs=40",
+                       "--config.resume_allow_changes=num_epochs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics_rows(tmp_path)[-1]["step"] == 8
+
+
+@pytest.mark.parametrize("damage", ["everything", "array_data"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, damage):
+    assert run_lbsgd(tmp_path, *RUN, "--config.max_steps=12").returncode == 0
+    assert _checkpoint_steps(tmp_path) == [5, 10, 12]
+    for path in (tmp_path / "checkpoints" / "12").rglob("*"):
+        if path.is_file() and (damage == "everything" or "/d/" in str(path)):
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = run_lbsgd(tmp_path, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint at step 12 is damaged" in result.stderr
+    assert "resuming from the checkpoint at step 10" in result.stderr
+    assert (tmp_path / "checkpoints-damaged" / "12").is_dir()
+    assert _trajectory(metrics_rows(tmp_path)) == reference
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir):
+    """2 processes x 4 CPU devices on localhost, real collectives through gloo."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    address = f"localhost:{_free_port()}"
+    return [_start(workdir, env=env, process_args=(
+        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"))
+        for i in range(2)]
+
+
+def test_two_processes_train_like_one_and_resume_exactly_after_both_are_killed(
+        tmp_path, reference):
+    straight = tmp_path / "straight"
+    processes = _two_processes(straight)
+    assert [p.wait(timeout=300) for p in processes] == [0, 0]
+    rows = _trajectory(metrics_rows(straight))
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for row, expected in zip(rows, reference, strict=True):
+        for key, value in expected.items():  # the same function, summed in another order
+            np.testing.assert_allclose(row[key], value, rtol=1e-5, atol=1e-7)
+
+    killed = tmp_path / "killed"
+    processes = _two_processes(killed)
+    _wait_for_rows(killed, 13, processes)
+    for p in processes:
+        p.kill()
+        p.wait()
+    processes = _two_processes(killed)
+    assert [p.wait(timeout=300) for p in processes] == [0, 0]
+    assert _trajectory(metrics_rows(killed)) == rows  # bit-identical to the uninterrupted run
