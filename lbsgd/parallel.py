@@ -36,12 +36,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def process_rows_for(global_rows: int, num_processes: int, process_index: int) -> slice:
+    """The rows of a global batch that process `process_index` of `num_processes` reads.
+
+    The mesh orders devices by process (parallel.make_mesh), so each process owns one
+    contiguous, equal share of every global batch, and within it each device n-row BN groups.
+    """
+    if global_rows % num_processes:
+        raise ValueError(f"{global_rows} rows do not split evenly over {num_processes} processes")
+    share = global_rows // num_processes
+    return slice(process_index * share, (process_index + 1) * share)
+
+
 def process_rows(global_rows: int, mesh: Mesh) -> slice:
     """The rows of a global batch that live on this process's devices."""
-    index = jax.process_index()
-    local = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == index]
-    rows_per_device = global_rows // mesh.size
-    return slice(local[0] * rows_per_device, (local[-1] + 1) * rows_per_device)
+    processes = sorted({d.process_index for d in mesh.devices.flat})
+    return process_rows_for(global_rows, len(processes), processes.index(jax.process_index()))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -1,9 +1,20 @@
-"""The data contract of Remark 4: one global permutation per epoch, each image once per epoch."""
+"""The data contract of Remark 4 and the augmentation of Sec. 5.1.
 
+One global permutation per epoch, each image once per epoch, each process reading its own rows
+by random access; crops and flips a pure function of (seed, epoch, index), so neither resuming
+nor the number of processes changes a single pixel.
+"""
+
+import io
+import math
+
+import jax
 import numpy as np
+import pytest
+from PIL import Image
 
-from lbsgd import input_pipeline
-from tests.helpers import tiny_config
+from lbsgd import input_pipeline, parallel
+from tests.helpers import folder_config, write_image_folder
 
 
 def _indices(step, n=1000, kn=96, seed=0):
@@ -37,14 +48,35 @@ def _in_memory(images, labels):
                                   mean=(0.0,), std=(1.0,), image_shape=images.shape[1:])
 
 
-def test_resuming_at_a_step_gives_the_same_batches():
-    dataset = _in_memory(np.zeros((1000, 1, 1, 1), np.uint8), np.arange(1000, dtype=np.int32))
-    kwargs = dict(global_batch_size=96, seed=3, rows=slice(0, 96))
-    straight = input_pipeline.train_batches(dataset, **kwargs)
-    batches = [next(straight) for _ in range(15)]
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A prepared folder dataset of real JPEGs: 3 classes x 8 train images (80x60), 9 val."""
+    root = write_image_folder(tmp_path_factory.mktemp("photos"))
+    data_dir = tmp_path_factory.mktemp("tfds")
+    return lambda **overrides: input_pipeline.load_dataset(
+        folder_config(root, data_dir, **overrides))
+
+
+def _take(batches, count):
+    return [next(batches) for _ in range(count)]
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "tfds_folder"])
+def test_resuming_at_a_step_gives_the_same_batches(kind, photos):
+    if kind == "in_memory":
+        n = 1000
+        dataset = _in_memory(np.zeros((n, 1, 1, 1), np.uint8), np.arange(n, dtype=np.int32))
+        kn = 96
+    else:
+        dataset, n, kn = photos(), 24, 8  # 3 steps per epoch: 15 steps are 5 epochs
+    kwargs = dict(global_batch_size=kn, seed=3, rows=slice(0, kn))
+    batches = _take(input_pipeline.train_batches(dataset, **kwargs), 15)
     resumed = input_pipeline.train_batches(dataset, start_step=12, **kwargs)
-    for expected in batches[12:]:
-        np.testing.assert_array_equal(next(resumed)["label"], expected["label"])
+    for expected, got in zip(batches[12:], _take(resumed, 3), strict=True):
+        np.testing.assert_array_equal(got["label"], expected["label"])
+        np.testing.assert_array_equal(got["image"], expected["image"])
+    key = "label" if kind == "in_memory" else "image"
+    assert not np.array_equal(batches[0][key], batches[3][key])  # not a comparison of constants
 
 
 def test_eval_covers_every_image_exactly_once():
@@ -60,12 +92,94 @@ def test_eval_covers_every_image_exactly_once():
     np.testing.assert_array_equal(np.sort(real), np.arange(n))
 
 
-def test_demo_dataset_is_the_real_mnist_subset():
-    dataset = input_pipeline.load_dataset(tiny_config())
-    assert dataset.image_shape == (28, 28, 1)
-    assert (len(dataset.train), len(dataset.eval)) == (4000, 1000)
-    for split in (dataset.train, dataset.eval):
-        assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
-        counts = np.bincount(split.labels, minlength=10)
-        assert (counts == counts[0]).all()  # balanced: 400 / 100 per digit
-    assert 25 < dataset.mean[0] < 45 and 70 < dataset.std[0] < 90  # MNIST's ~33 and ~79
+def _per_device_batches(dataset, *, processes, devices_per_process, steps, kn=16, seed=5):
+    """For each step, the images each device holds when `processes` processes each read their
+    own rows (process_rows_for) and split them over their devices."""
+    readers = [input_pipeline.train_batches(
+        dataset, global_batch_size=kn, seed=seed,
+        rows=parallel.process_rows_for(kn, processes, p)) for p in range(processes)]
+    per_step = []
+    for _ in range(steps):
+        local = [next(reader) for reader in readers]
+        per_step.append([(images, labels) for batch in local for images, labels in zip(
+            np.split(batch["image"], devices_per_process),
+            np.split(batch["label"], devices_per_process), strict=True)])
+    return per_step
+
+
+def test_one_process_of_8_devices_and_two_of_4_see_the_same_images_per_step(photos):
+    """Remark 4 on any layout: the same images in the same order on each of the 8 devices
+    (so the same BN groups), augmented identically, whether 1 or 2 processes read them."""
+    dataset = photos()
+    kn, steps = 16, 4  # 24 train images: one step per epoch, so 4 permutations
+    one = _per_device_batches(dataset, processes=1, devices_per_process=8, steps=steps)
+    two = _per_device_batches(dataset, processes=2, devices_per_process=4, steps=steps)
+    for step in range(steps):
+        assert len(one[step]) == len(two[step]) == 8
+        for (images_1, labels_1), (images_2, labels_2) in zip(one[step], two[step], strict=True):
+            np.testing.assert_array_equal(images_1, images_2)
+            np.testing.assert_array_equal(labels_1, labels_2)
+        # The step's images are perm_e[t * kn : (t + 1) * kn]; image i is of class i // 8.
+        expected = np.random.default_rng([5, step]).permutation(24)[:kn] // 8
+        np.testing.assert_array_equal(np.concatenate([lab for _, lab in one[step]]), expected)
+    assert parallel.process_rows_for(kn, 2, 1) == slice(8, 16)
+    assert parallel.process_rows(kn, parallel.make_mesh()) == parallel.process_rows_for(
+        kn, 1, jax.process_index())
+
+
+def test_random_size_crop_draws_area_and_aspect_as_in_sec_5_1():
+    height, width = 375, 500
+    boxes = np.array([input_pipeline.random_size_crop(height, width, np.random.default_rng(i))
+                      for i in range(2000)])
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    area, aspect = h * w / (height * width), w / h
+    assert area.min() > 0.08 - 0.01 and area.max() <= 1.0
+    assert area.min() < 0.1 and np.median(area) > 0.3  # the whole range is drawn
+    assert (aspect > 3 / 4 - 0.02).all() and (aspect < 4 / 3 + 0.02).all()
+    assert aspect.min() < 0.8 and aspect.max() > 1.25
+    assert 0.4 < np.mean(left + w / 2 < width / 2) < 0.6  # positions uniform, not centered
+
+
+def test_random_size_crop_falls_back_to_a_center_crop_of_bounded_aspect():
+    # A 10 x 1000 strip: no crop of 8%+ of its area fits with aspect ratio <= 4/3.
+    box = input_pipeline.random_size_crop(10, 1000, np.random.default_rng(0))
+    w = round(10 * 4 / 3)
+    assert box == (0, (1000 - w) // 2, 10, w)
+    assert input_pipeline.random_size_crop(10, 12, np.random.default_rng(0))[2:] in [
+        (h, w) for h in range(1, 11) for w in range(1, 13)]
+
+
+def test_train_image_is_the_drawn_crop_resized_and_flipped_by_the_next_draw(tmp_path):
+    """Against an independent decode: full image, crop the drawn box, resize, flip if drawn."""
+    photo = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    photo[:, :40] //= 4  # a dark left half, so a flip is visible
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="PNG")  # lossless: decoding is exact
+    record = {"image": buffer.getvalue()}
+    flips = 0
+    for seed in range(40):
+        got = input_pipeline.train_image(record, np.random.default_rng(seed), size=24)
+        rng = np.random.default_rng(seed)
+        top, left, h, w = input_pipeline.random_size_crop(60, 80, rng)
+        expected = np.asarray(Image.fromarray(photo).resize(
+            (24, 24), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
+        if rng.random() < 0.5:
+            expected, flips = expected[:, ::-1], flips + 1
+        np.testing.assert_array_equal(got, expected)
+    assert 10 < flips < 30
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(photos):
+    source = photos().train
+    first = source.read(np.array([3, 17, 5]), seed=1, epoch=2)["image"]
+    again = source.read(np.array([5, 3, 17]), seed=1, epoch=2)["image"]  # other batch, order
+    np.testing.assert_array_equal(again, first[[2, 0, 1]])
+    for other in ({"seed": 1, "epoch": 3}, {"seed": 2, "epoch": 2}):
+        assert not np.array_equal(source.read(np.array([3, 17, 5]), **other)["image"], first)
+
+
+def test_eval_resize_keeps_the_paper_ratio():
+    assert round(224 * input_pipeline.EVAL_RESIZE) == 256
+    assert math.isclose(input_pipeline.EVAL_RESIZE, 256 / 224)

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import REPO, lbsgd_command, metrics_rows, run_lbsgd
+from tests.helpers import REPO, lbsgd_command, lbsgd_env, metrics_rows, run_lbsgd
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,8 @@ RUN = ("--config.global_batch_size=64", "--config.bn_group_size=8", "--config.ma
 
 
 def _trajectory(rows):
-    """Everything on a row but the wall-clock throughput."""
-    return [{k: v for k, v in row.items() if k != "images_per_sec"} for row in rows]
+    """Everything on a row but wall-clock readings."""
+    return [{k: v for k, v in row.items() if k not in ("images_per_sec", "time")} for row in rows]
 
 
 def _readable_rows(workdir):
@@ -48,7 +48,7 @@ def _start(workdir, *overrides, env=None, process_args=()):
     log = open(Path(workdir).parent / f"{Path(workdir).name}-{time.monotonic_ns()}.log", "w")
     command = lbsgd_command(workdir, *RUN, *overrides, *process_args)
     return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env=env or os.environ.copy(), text=True)
+                            env=lbsgd_env(env), text=True)
 
 
 def _wait_for_rows(workdir, count, processes, timeout=300):
