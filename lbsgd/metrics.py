@@ -2,8 +2,8 @@
 
 Only process 0 writes files. Rows follow the public contract in DESIGN.md: `step` is the
 number of updates done, `epoch` the fraction of epochs done, `lr` the rate that step's
-update used. A resumed run first drops the rows written after its checkpoint, so the file
-never holds a step twice.
+update used, `time` the Unix time the row was written (for wall-clock reports). A resumed
+run first drops the rows written after its checkpoint, so the file never holds a step twice.
 """
 
 import json
@@ -59,7 +59,7 @@ class MetricsLogger:
     def _write(self, row: dict) -> None:
         if self.is_chief:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
         self.writer.write_scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
 
     def write_train(self, step: int, values: dict[str, float]) -> None:
