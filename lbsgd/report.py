@@ -155,6 +155,15 @@ def _smoothed_train_error(run: Run) -> tuple[list[float], list[float]]:
     return epochs, [statistics.fmean(by_epoch[e]) * 100 for e in epochs]
 
 
+def _save(fig, ax, path: Path, *, legend: bool = True) -> None:
+    if legend:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_training_error(settings: list[Setting], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in settings:
@@ -163,11 +172,7 @@ def plot_training_error(settings: list[Setting], path: Path) -> None:
         mean = [statistics.fmean(c[1][i] for c in curves) for i in range(length)]
         ax.plot(curves[0][0][:length], mean, marker="o", markersize=2, label=s.label)
     ax.set(xlabel="epoch", ylabel="training error (%)", title="Training error vs epochs")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_learning_rate(settings: list[Setting], path: Path) -> None:
@@ -176,11 +181,7 @@ def plot_learning_rate(settings: list[Setting], path: Path) -> None:
         run = s.runs[0]
         ax.plot([r["step"] for r in run.train], [r["lr"] for r in run.train], label=s.label)
     ax.set(xlabel="iteration", ylabel="learning rate", title="Learning rate vs iteration")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_error_vs_batch(settings: list[Setting], path: Path) -> bool:
@@ -202,10 +203,7 @@ def plot_error_vs_batch(settings: list[Setting], path: Path) -> bool:
     ax.set_xscale("log", base=2)
     ax.set(xlabel="minibatch size kn", ylabel="final eval top-1 error (%)",
            title="Error vs minibatch size (linear scaling rule)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, legend=False)
     return True
 
 
