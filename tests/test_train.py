@@ -1,7 +1,5 @@
 """The sharded train step: hardware invariance, a per-worker reference, and its communication."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lbsgd import models, parallel, train
+from lbsgd import hlo, models, parallel, train
 from tests.helpers import tiny_config
 
 
@@ -85,37 +83,18 @@ def test_train_step_equals_a_loop_over_workers():
                  jax.device_get(new_state.batch_stats), reference_stats)
 
 
-_SHAPE = re.compile(r"\b(f64|f32|bf16|f16|s32|u32|s8|u8|pred)\[([\d,]*)\]")
-_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1,
-          "pred": 1}
-
-
-def _collectives(hlo: str):
-    """(op, [(dtype, dims)]) for every collective instruction of an optimized HLO module."""
-    found = []
-    for line in hlo.splitlines():
-        m = re.search(r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|"
-                      r"collective-permute|collective-broadcast)(?:-start)?\(", line)
-        if m:
-            shapes = [(t, tuple(int(d) for d in dims.split(",") if d))
-                      for t, dims in _SHAPE.findall(m.group(1))]
-            found.append((m.group(2), shapes))
-    return found
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_only_collective_is_the_gradient_all_reduce(dtype):
     """BN costs no communication: the 8-device step all-reduces the gradients and nothing else."""
     config = tiny_config(dtype=dtype)
     ex = train.setup(config, parallel.make_mesh())
     batch = parallel.global_batch(next(ex.train_batches()), ex.mesh)
-    hlo = ex.train_step.lower(ex.state, batch).compile().as_text()
-    collectives = _collectives(hlo)
+    collectives = hlo.parse_collectives(ex.train_step.lower(ex.state, batch).compile().as_text())
 
-    assert {op for op, _ in collectives} == {"all-reduce"}, collectives
-    tensors = [(t, dims) for _, shapes in collectives for t, dims in shapes]
-    reduced = sum(_BYTES[t] * int(np.prod(dims)) for t, dims in tensors if dims)
+    assert {c["op"] for c in collectives} == {"all-reduce"}, collectives
+    tensors = [t for c in collectives for t in c["tensors"]]
+    reduced = sum(t["bytes"] for t in tensors if t["shape"])
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ex.state.params))
     assert reduced == param_bytes
     # Besides the gradients only the scalar loss and top-1 means cross devices.
-    assert len([dims for _, dims in tensors if not dims]) <= 2
+    assert len([t for t in tensors if not t["shape"]]) <= 2
