@@ -1,12 +1,26 @@
 """The public command, started as a user would: python -m lbsgd.main --config=... --workdir=..."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from tests.helpers import metrics_rows, run_lbsgd
+from lbsgd.datasets import imagenet
+from tests.helpers import (
+    REPO,
+    lbsgd_env,
+    metrics_rows,
+    run_lbsgd,
+    sparse_archives,
+    write_image_folder,
+)
+
+# bs256.py at a resolution and size a CPU trains in seconds.
+SMALL_BS256 = ("--config.image_size=64", "--config.model=resnet18", "--config.max_steps=2",
+               "--config.log_every_steps=1")
 
 
 @pytest.mark.slow
@@ -50,3 +64,46 @@ def test_bad_config_stops_with_the_fields_and_the_fix(tmp_path):
     assert "Traceback" not in result.stderr
     assert "global_batch_size 100 is not divisible by bn_group_size 32 x 8 devices" in result.stderr
     assert "warmup 'linear' is unknown" in result.stderr
+
+
+def _finite_training(workdir, steps):
+    rows = metrics_rows(workdir)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == steps and np.isfinite(losses).all()
+    assert any("eval_top1" in r for r in rows)
+
+
+# The command, with TFDS's mock_data patching ImageNet's records in that process.
+MOCKED_COMMAND = """
+import sys
+import tensorflow_datasets as tfds
+from absl import app
+from lbsgd import main
+with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+    app.run(main.main, argv=["lbsgd", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.slow
+def test_bs256_runs_through_the_command_on_mock_imagenet(tmp_path):
+    sparse_archives(tmp_path / "downloads" / "manual", imagenet.ARCHIVES)
+    result = subprocess.run(
+        [sys.executable, "-c", MOCKED_COMMAND, "--config=configs/bs256.py",
+         f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tmp_path}",
+         "--config.global_batch_size=64", "--config.bn_group_size=8",
+         "--config.eval_batch_size=64", *SMALL_BS256],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=lbsgd_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    _finite_training(tmp_path / "run", steps=2)
+
+
+@pytest.mark.slow
+def test_bs256_runs_through_the_command_on_a_folder_of_jpegs(tmp_path):
+    root = write_image_folder(tmp_path / "photos")  # 3 classes x 8 train / 3 val JPEGs
+    result = run_lbsgd(tmp_path / "run", f"--config.dataset=folder:{root}",
+                       f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_classes=3",
+                       "--config.global_batch_size=16", "--config.bn_group_size=2",
+                       "--config.eval_batch_size=16", *SMALL_BS256[1:], "--config.image_size=32",
+                       config="configs/bs256.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _finite_training(tmp_path / "run", steps=2)

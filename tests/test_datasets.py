@@ -16,7 +16,7 @@ from lbsgd import input_pipeline, train
 from lbsgd.config import ConfigError
 from lbsgd.datasets import DataError, image_folder, imagenet
 from lbsgd.datasets.__main__ import prepare as prepare_dataset
-from tests.helpers import folder_config, tiny_config, write_image_folder
+from tests.helpers import folder_config, sparse_archives, tiny_config, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,9 @@ def _all(source):
 # ImageNet: TFDS's imagenet2012 builder.
 
 
-def _sparse_archives(manual_dir, sizes):
-    """Files of the official archives' sizes that take no disk (sparse)."""
-    manual_dir.mkdir(parents=True)
-    for name, size in sizes.items():
-        with open(manual_dir / name, "wb") as f:
-            f.truncate(size)
-
-
 def test_imagenet2012_loads_through_tfds_data_source(tmp_path):
     """The real loading path (builder, preparation, data_source, decoding) on mocked records."""
-    _sparse_archives(tmp_path / "downloads" / "manual", imagenet.ARCHIVES)
+    sparse_archives(tmp_path / "downloads" / "manual", imagenet.ARCHIVES)
     config = tiny_config(dataset="imagenet2012", data_dir=str(tmp_path), num_classes=1000,
                          image_size=32)
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -74,7 +66,7 @@ def test_imagenet2012_without_its_archives_says_what_to_put_where(tmp_path):
     assert f"python -m lbsgd.datasets imagenet2012 --data_dir={tmp_path}" in message
 
     # An unfinished download is named too.
-    _sparse_archives(manual_dir, {"ILSVRC2012_img_train.tar": 1000,
+    sparse_archives(manual_dir, {"ILSVRC2012_img_train.tar": 1000,
                                   "ILSVRC2012_img_val.tar": imagenet.ARCHIVES[
                                       "ILSVRC2012_img_val.tar"]})
     with pytest.raises(DataError, match="ILSVRC2012_img_train.tar is 1,000 bytes, the official "
