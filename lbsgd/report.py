@@ -185,15 +185,19 @@ def plot_learning_rate(settings: list[Setting], path: Path) -> None:
 
 
 def plot_error_vs_batch(settings: list[Setting], path: Path) -> bool:
-    """Fig. 1 style, over the settings that differ from each other only in kn (and lr)."""
+    """Fig. 1 style: final error against kn over settings that differ only in kn and in the
+    warmup that goes with it (the recipe at kn <= 256 needs none); skipped unless each kn
+    appears once."""
     def rest(s: Setting) -> str:
-        return setting_of({k: v for k, v in s.config.items() if k != "global_batch_size"})
+        return setting_of({k: v for k, v in s.config.items()
+                           if k not in ("global_batch_size", "warmup")})
 
     families: dict[str, list[Setting]] = {}
     for s in settings:
         families.setdefault(rest(s), []).append(s)
     family = max(families.values(), key=len)
-    if len(family) < 2:
+    sizes = [s.config["global_batch_size"] for s in family]
+    if len(family) < 2 or len(set(sizes)) < len(sizes):
         return False
     family.sort(key=lambda s: s.config["global_batch_size"])
     stats = [s.stat("final_error") for s in family]
