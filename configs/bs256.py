@@ -7,11 +7,11 @@ error. Run it on 8 GPUs (or anything: the virtual workers keep n = 32):
     python -m lbsgd.main --config=configs/bs256.py --workdir=runs/bs256
 """
 
-from configs import default
+from lbsgd.config import default_config
 
 
 def get_config():
-    config = default.get_config()
+    config = default_config()
     config.global_batch_size = 256
     config.warmup = "none"  # kn = 256 is the reference: the rate starts at 0.1 already
     return config

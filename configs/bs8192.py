@@ -7,11 +7,11 @@ The paper reports 23.74% +- 0.09 top-1 error (vs 23.60% at kn = 256).
     python -m lbsgd.main --config=configs/bs8192.py --workdir=runs/bs8192
 """
 
-from configs import default
+from lbsgd.config import default_config
 
 
 def get_config():
-    config = default.get_config()
+    config = default_config()
     config.global_batch_size = 8192
     config.eval_batch_size = 1024
     config.warmup = "gradual"

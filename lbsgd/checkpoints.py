@@ -19,16 +19,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-# Fields that do not change what is trained, only how the run is observed or stored. Every
-# other field changes the trajectory, so a resume that changes it must say so on purpose.
-RUN_ONLY_FIELDS = frozenset({
-    "data_dir", "input_threads", "eval_batch_size", "max_steps", "log_every_steps",
-    "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "resume_allow_changes",
-})
-
-
-class ResumeError(RuntimeError):
-    """A resume that would silently change the experiment or lose work."""
+from lbsgd.config import RUN_ONLY_FIELDS
+from lbsgd.errors import CheckpointError
 
 
 def _as_json(config: ml_collections.ConfigDict) -> dict:
@@ -47,7 +39,7 @@ def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: in
     changes = {f: v for f, v in changed_fields(saved, config).items() if f not in allowed}
     if changes:
         listed = ", ".join(f"{f} {old!r} -> {new!r}" for f, (old, new) in changes.items())
-        raise ResumeError(
+        raise CheckpointError(
             f"the checkpoint at step {step} was trained with a different config: {listed}. "
             "Resuming would change the experiment. Use a new --workdir, or, if the change is "
             f"on purpose (e.g. extending num_epochs), add "
@@ -97,7 +89,7 @@ class Checkpointer:
                 continue
             check_resume_config(saved_config, config, step)
             if saved_shapes != _shapes(target):
-                raise ResumeError(
+                raise CheckpointError(
                     f"the checkpoint at step {step} holds arrays of other shapes than this "
                     "run's state (an allowed change of global_batch_size or bn_group_size "
                     "reshapes the per-worker BatchNorm statistics; or another lbsgd version): "
@@ -111,7 +103,7 @@ class Checkpointer:
             logging.info("resuming from the checkpoint at step %d", step)
             return restored.state
         if steps:
-            raise ResumeError(f"every checkpoint in {self.directory} is damaged (steps "
+            raise CheckpointError(f"every checkpoint in {self.directory} is damaged (steps "
                               f"{steps}, now in {self.directory}-damaged); nothing to resume")
         return state
 

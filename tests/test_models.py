@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lbsgd.models import MODEL_NAMES, GroupedBatchNorm, create_model
+from lbsgd.models import MODEL_NAMES, GroupedBatchNorm, create_model, grouped_norm
 from lbsgd.models.resnet import BasicBlock, Bottleneck
 
 
@@ -21,7 +21,7 @@ def _modules(model, cls):
 @pytest.fixture(scope="module")
 def resnet50():
     # bn_group_size=2 so the same instance can run tiny batches.
-    return create_model("resnet50", num_classes=1000, bn_group_size=2)
+    return create_model("resnet50", num_classes=1000, norm=grouped_norm(group_size=2))
 
 
 # Published counts for 1000 classes (torchvision / fb.resnet.torch; BN gamma/beta included).
@@ -135,7 +135,7 @@ def _forward(model, x, train):
 
 
 def test_resnet50_forward_small():
-    model = create_model("resnet50", num_classes=10, bn_group_size=2, bn_num_groups=2)
+    model = create_model("resnet50", num_classes=10, norm=grouped_norm(group_size=2, num_groups=2))
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     logits = _forward(model, x, train=True)
     assert logits.shape == (4, 10) and logits.dtype == jnp.float32
@@ -151,7 +151,8 @@ def test_resnet50_forward_small():
 
 def test_cifar_resnet20_mnist_shape():
     model = create_model(
-        "cifar_resnet20", num_classes=10, in_channels=1, bn_group_size=4, bn_num_groups=2
+        "cifar_resnet20", num_classes=10, in_channels=1,
+        norm=grouped_norm(group_size=4, num_groups=2)
     )
     x = jax.random.normal(jax.random.key(2), (8, 28, 28, 1))
     for train in (True, False):
@@ -163,14 +164,16 @@ def test_cifar_resnet20_mnist_shape():
 @pytest.mark.parametrize("batch", [6, 4])
 def test_wrong_training_batch_raises(batch):
     # Training needs exactly bn_group_size * bn_num_groups = 8 examples.
-    model = create_model("cifar_resnet8", num_classes=10, bn_group_size=4, bn_num_groups=2)
+    model = create_model("cifar_resnet8", num_classes=10,
+                         norm=grouped_norm(group_size=4, num_groups=2))
     with pytest.raises(ValueError, match=rf"^training batch of {batch} examples.*bn_group_size 4"):
         model(jnp.zeros((batch, 8, 8, 3)), train=True)
 
 
 def test_bn_num_groups_reaches_every_bn():
     model = nnx.eval_shape(
-        lambda: create_model("resnet18", num_classes=10, bn_group_size=8, bn_num_groups=3)
+        lambda: create_model("resnet18", num_classes=10,
+                             norm=grouped_norm(group_size=8, num_groups=3))
     )
     bns = _modules(model, GroupedBatchNorm)
     assert len(bns) == 1 + 2 * 8 + 3  # stem, two per basic block, three projection shortcuts
@@ -184,14 +187,14 @@ def test_model_with_workers_is_independent_single_worker_models():
     # Per-worker BN (Sec. 5.1): in training, a model with G workers computes for each group
     # exactly what a one-worker model computes on that group alone, and row g of every
     # BN's running statistics is that one-worker model's statistics.
-    kwargs = dict(num_classes=10, bn_group_size=2, seed=5)
-    multi = create_model("cifar_resnet8", bn_num_groups=3, **kwargs)
+    kwargs = dict(num_classes=10, seed=5)
+    multi = create_model("cifar_resnet8", norm=grouped_norm(group_size=2, num_groups=3), **kwargs)
     _randomize_bn_affine(multi, 1)
     x = jax.random.normal(jax.random.key(6), (6, 8, 8, 3))
     logits = np.asarray(_forward(multi, x, train=True))
     multi_bns = _modules(multi, GroupedBatchNorm)
     for g in range(3):
-        single = create_model("cifar_resnet8", bn_num_groups=1, **kwargs)
+        single = create_model("cifar_resnet8", norm=grouped_norm(group_size=2), **kwargs)
         _randomize_bn_affine(single, 1)
         ref = np.asarray(_forward(single, x[2 * g : 2 * g + 2], train=True))
         np.testing.assert_allclose(logits[2 * g : 2 * g + 2], ref, rtol=1e-4, atol=1e-5)
@@ -214,9 +217,11 @@ def _randomize_bn_affine(model, seed):
 
 
 def test_bfloat16_model_matches_float32():
-    kwargs = dict(num_classes=10, bn_group_size=4, bn_num_groups=2, seed=3)
-    f32 = create_model("cifar_resnet20", dtype=jnp.float32, **kwargs)
-    bf16 = create_model("cifar_resnet20", dtype="bfloat16", **kwargs)
+    def build(dtype):
+        return create_model("cifar_resnet20", num_classes=10, seed=3, dtype=dtype,
+                            norm=grouped_norm(group_size=4, num_groups=2, dtype=dtype))
+
+    f32, bf16 = build(jnp.float32), build("bfloat16")
     _randomize_bn_affine(f32, 0)
     _randomize_bn_affine(bf16, 0)
     params_f32 = nnx.state(f32, nnx.Param)

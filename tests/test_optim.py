@@ -6,14 +6,14 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
-from lbsgd import optim
+from lbsgd import input_pipeline, optim
+from lbsgd.config import default_config
 
 IMAGENET_TRAIN = 1_281_167
 
 
 def make_config(**overrides):
-    cfg = default.get_config()
+    cfg = default_config()
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -23,26 +23,18 @@ def lr_at(schedule, step):
     return float(schedule(step))
 
 
-# --- steps_per_epoch and the linear scaling rule ------------------------------------------
+def optimizer(cfg, steps_per_epoch):
+    """The optimizer of `cfg` built as a run builds it, around the run's one schedule."""
+    return optim.make_optimizer(cfg, optim.learning_rate_schedule(cfg, steps_per_epoch))
 
 
-def test_steps_per_epoch_is_floor():
-    assert optim.steps_per_epoch(IMAGENET_TRAIN, 8192) == 156
-    assert optim.steps_per_epoch(IMAGENET_TRAIN, 256) == 5004
-    assert optim.steps_per_epoch(512, 256) == 2
-    assert optim.steps_per_epoch(511, 256) == 1
-
-
-def test_steps_per_epoch_rejects_batch_larger_than_dataset():
-    with pytest.raises(ValueError, match=r"num_train_examples=100.*global_batch_size=256"):
-        optim.steps_per_epoch(100, 256)
+# --- the linear scaling rule ------------------------------------------
 
 
 def test_scaled_learning_rate_is_linear_in_kn():
-    assert optim.scaled_learning_rate(make_config(global_batch_size=256)) == pytest.approx(0.1)
-    assert optim.scaled_learning_rate(make_config(global_batch_size=8192)) == pytest.approx(3.2)
-    cfg = make_config(global_batch_size=1024, base_lr=0.05)
-    assert optim.scaled_learning_rate(cfg) == pytest.approx(0.2)
+    assert optim.scaled_learning_rate(0.1, 256) == pytest.approx(0.1)
+    assert optim.scaled_learning_rate(0.1, 8192) == pytest.approx(3.2)
+    assert optim.scaled_learning_rate(0.05, 1024) == pytest.approx(0.2)
 
 
 # --- learning-rate schedule -----------------------------------------------------------------
@@ -51,7 +43,7 @@ def test_scaled_learning_rate_is_linear_in_kn():
 def test_gradual_warmup_and_decay_kn8192():
     # Sec. 5.1 / Table 1: kn = 8k, eta = 0.1 * 32 = 3.2, 5 warmup epochs, x0.1 at 30, 60, 80.
     s = 156
-    assert optim.steps_per_epoch(IMAGENET_TRAIN, 8192) == s
+    assert input_pipeline.steps_per_epoch(IMAGENET_TRAIN, 8192) == s
     schedule = optim.learning_rate_schedule(make_config(global_batch_size=8192), s)
     assert schedule(0).dtype == jnp.float32
     assert lr_at(schedule, 0) == np.float32(0.1)
@@ -99,7 +91,7 @@ def test_constant_warmup_kn8192():
 
 def test_demo_kn512_one_warmup_epoch():
     # 60,000 images at kn = 512: S = 117. The update at the end of epoch 1 uses 0.2.
-    s = optim.steps_per_epoch(60_000, 512)
+    s = input_pipeline.steps_per_epoch(60_000, 512)
     assert s == 117
     cfg = make_config(global_batch_size=512, warmup_epochs=1.0, lr_decay_epochs=(3,))
     schedule = optim.learning_rate_schedule(cfg, s)
@@ -149,7 +141,7 @@ def test_invalid_warmup_raises():
 
 def test_invalid_momentum_form_raises():
     with pytest.raises(ValueError, match=r"config\.momentum_form.*eq9.*eq10.*'eq11'"):
-        optim.make_optimizer(make_config(momentum_form="eq11"), 10)
+        optimizer(make_config(momentum_form="eq11"), 10)
 
 
 # --- weight-decay mask ----------------------------------------------------------------------
@@ -201,7 +193,7 @@ def test_weight_decay_mask_on_nnx_state():
 def test_weight_decay_not_applied_to_masked_leaves():
     cfg = make_config(weight_decay=0.5, warmup="none")
     params = tiny_params()
-    opt = optim.make_optimizer(cfg, 10)
+    opt = optimizer(cfg, 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -270,9 +262,9 @@ def test_eq10_with_correction_equals_eq9_step_for_step():
     with jax.enable_x64(True):
         params = tiny_params(jnp.float64)
         batches = tiny_batches(np.float64)
-        eq9 = train(optim.make_optimizer(tiny_config(), TINY_S), params, batches)
+        eq9 = train(optimizer(tiny_config(), TINY_S), params, batches)
         cfg10 = tiny_config(momentum_form="eq10", momentum_correction=True)
-        eq10 = train(optim.make_optimizer(cfg10, TINY_S), params, batches)
+        eq10 = train(optimizer(cfg10, TINY_S), params, batches)
     assert eq9[-1][0]["dense"]["kernel"].dtype == jnp.float64
     for t, ((p9, _), (p10, _)) in enumerate(zip(eq9, eq10, strict=True)):
         jax.tree.map(
@@ -288,9 +280,9 @@ def test_eq10_without_correction_differs_once_the_rate_changes():
     with jax.enable_x64(True):
         params = tiny_params(jnp.float64)
         batches = tiny_batches(np.float64)
-        eq9 = train(optim.make_optimizer(tiny_config(warmup="constant"), TINY_S), params, batches)
+        eq9 = train(optimizer(tiny_config(warmup="constant"), TINY_S), params, batches)
         cfg10 = tiny_config(warmup="constant", momentum_form="eq10", momentum_correction=False)
-        eq10 = train(optim.make_optimizer(cfg10, TINY_S), params, batches)
+        eq10 = train(optimizer(cfg10, TINY_S), params, batches)
     for t in range(w):
         assert max_abs_diff(eq9[t][0], eq10[t][0]) < 1e-12, t
     # Update w is the first at 0.2; eq. (10) keeps 0.9 * v with v scaled by the old rate 0.1,
@@ -334,7 +326,7 @@ def test_make_optimizer_matches_numpy_eq9_reference(form):
     cfg = tiny_config(momentum_form=form, weight_decay=0.05)
     params = tiny_params()
     batches = tiny_batches(np.float32)
-    ours = train(optim.make_optimizer(cfg, TINY_S), params, batches)
+    ours = train(optimizer(cfg, TINY_S), params, batches)
     ref = numpy_reference_eq9(
         params,
         [(np.float64(x), np.float64(y)) for x, y in batches],

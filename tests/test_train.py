@@ -14,9 +14,9 @@ from tests.helpers import tiny_config
 def _run(config, devices, steps):
     """Losses and final state of `steps` updates on a mesh over `devices`."""
     ex = train.setup(config, parallel.make_mesh(devices))
-    state, batches, losses = ex.state, ex.train_batches(), []
+    state, batches, losses = ex.init_state(), ex.train_batches(), []
     for _ in range(steps):
-        state, metrics = ex.train_step(state, parallel.global_batch(next(batches), ex.mesh))
+        state, metrics = ex.train_step(state, next(batches))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(state)
 
@@ -45,13 +45,14 @@ def test_train_step_equals_a_loop_over_workers():
     """Sec. 2/3: k workers of n images, each with its own BN, gradients averaged over workers."""
     config = tiny_config(warmup="none", weight_decay=1e-3)
     ex = train.setup(config, parallel.make_mesh(jax.devices()[:1]))
-    state0 = jax.device_get(ex.state)
-    batch = next(ex.train_batches())
-    new_state, metrics = ex.train_step(ex.state, parallel.global_batch(batch, ex.mesh))
+    state = ex.init_state()
+    state0 = jax.device_get(state)
+    batch = jax.device_get(next(ex.train_batches()))
+    new_state, metrics = ex.train_step(state, batch)
 
     n, k = config.bn_group_size, config.global_batch_size // config.bn_group_size
     worker_model = models.create_model(config.model, num_classes=10, in_channels=1,
-                                       bn_group_size=n, bn_num_groups=1)
+                                       norm=models.grouped_norm(group_size=n))
     graphdef = nnx.split(worker_model)[0]
     images = train.normalize(jnp.asarray(batch["image"]), ex.dataset, jnp.float32)
     losses, grads, stats = [], [], []
@@ -88,13 +89,14 @@ def test_only_collective_is_the_gradient_all_reduce(dtype):
     """BN costs no communication: the 8-device step all-reduces the gradients and nothing else."""
     config = tiny_config(dtype=dtype)
     ex = train.setup(config, parallel.make_mesh())
-    batch = parallel.global_batch(next(ex.train_batches()), ex.mesh)
-    collectives = hlo.parse_collectives(ex.train_step.lower(ex.state, batch).compile().as_text())
+    batch = next(ex.train_batches())
+    collectives = hlo.parse_collectives(
+        ex.train_step.lower(ex.init_state(), batch).compile().as_text())
 
     assert {c["op"] for c in collectives} == {"all-reduce"}, collectives
     tensors = [t for c in collectives for t in c["tensors"]]
     reduced = sum(t["bytes"] for t in tensors if t["shape"])
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ex.state.params))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ex.init_state().params))
     assert reduced == param_bytes
     # Besides the gradients only the scalar loss and top-1 means cross devices.
     assert len([t for t in tensors if not t["shape"]]) <= 2

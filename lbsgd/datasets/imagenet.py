@@ -10,7 +10,8 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lbsgd.datasets import DataError, check_one_process, prepare_command, prepare_config
+from lbsgd.datasets.preparation import check_one_process, prepare_command, prepare_config
+from lbsgd.errors import DataError
 
 # The official archives and their sizes in bytes: a smaller file is an unfinished download.
 ARCHIVES = {"ILSVRC2012_img_train.tar": 147_897_477_120, "ILSVRC2012_img_val.tar": 6_744_924_160}

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lbsgd.datasets import prepare_config
+from lbsgd.datasets.preparation import prepare_config
 
 TRAIN_PER_DIGIT = 400  # of the 500 images of each digit; the last 100 evaluate
 

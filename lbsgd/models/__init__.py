@@ -1,5 +1,6 @@
-"""Model zoo: ResNets with per-group ("virtual worker") BatchNorm, built by name."""
+"""Model zoo: ResNets built by name around one injected normalization layer (models/resnet.py)."""
 
+import functools
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -24,35 +25,28 @@ _BUILDERS: dict[str, Callable[..., ResNet]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def create_model(
-    name: str,
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    bn_group_size: int = 32,
-    bn_num_groups: int = 1,
-    bn_momentum: float = 0.9,
-    dtype=jnp.float32,
-    seed: int = 0,
-) -> nnx.Module:
-    """Builds model `name` with float32 parameters and compute dtype `dtype`.
+def grouped_norm(*, group_size: int, num_groups: int = 1, momentum: float = 0.9,
+                 dtype=jnp.float32) -> Callable[..., GroupedBatchNorm]:
+    """The paper's BatchNorm as a factory: statistics per worker of `group_size` images
+    (n = 32, Sec. 5.1), one row of running statistics for each of `num_groups` workers."""
+    return functools.partial(GroupedBatchNorm, group_size=group_size, num_groups=num_groups,
+                             momentum=momentum, dtype=jnp.dtype(dtype))
 
-    `dtype` may be a string ("float32", "bfloat16") or a jnp dtype. `bn_group_size` is the
-    number of examples each BN normalizes over (the paper's per-worker n = 32, Sec. 5.1);
-    `bn_num_groups` the number of such workers in a training batch, kn / n, each keeping its
-    own running statistics (models/norm.py).
+
+def create_model(name: str, *, num_classes: int, in_channels: int = 3,
+                 norm: Callable[..., nnx.Module] | None = None, dtype=jnp.float32,
+                 seed: int = 0) -> nnx.Module:
+    """Model `name` with float32 parameters and compute dtype `dtype` ("float32", "bfloat16").
+
+    `norm` builds every normalization layer (`grouped_norm(...)`, or any factory with its
+    signature); by default one worker of 32 images.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
-    return _BUILDERS[name](
-        num_classes=num_classes,
-        in_channels=in_channels,
-        bn_group_size=bn_group_size,
-        bn_num_groups=bn_num_groups,
-        bn_momentum=bn_momentum,
-        dtype=jnp.dtype(dtype),
-        rngs=nnx.Rngs(seed),
-    )
+    norm = grouped_norm(group_size=32, dtype=dtype) if norm is None else norm
+    return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, norm=norm,
+                           dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
 
 
-__all__ = ["MODEL_NAMES", "GroupedBatchNorm", "ResNet", "create_model", "grouped_moments"]
+__all__ = ["MODEL_NAMES", "GroupedBatchNorm", "ResNet", "create_model", "grouped_moments",
+           "grouped_norm"]

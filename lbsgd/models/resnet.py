@@ -9,18 +9,20 @@ ResNets (their reference [12]):
 - the last BN gamma of every residual block is 0, so each block starts as the identity;
 - the final FC layer is N(0, 0.01^2) with zero bias.
 
-Every BN is a GroupedBatchNorm, normalizing over groups of bn_group_size examples
-(the paper's per-worker n = 32). Parameters are float32; `dtype` is the compute dtype.
+Every BN comes from one `norm` factory passed to the model once, as in Flax's ImageNet
+example: lbsgd passes a `functools.partial` of `GroupedBatchNorm` (statistics over each
+virtual worker's n = 32 images, Sec. 5.1; models/norm.py); a benchmark's baseline passes
+plain BatchNorm. A factory is called as `norm(num_features, zero_init=bool)` and returns a
+module called as `bn(x, train=bool)`; it carries its own settings (group size, momentum, dtype).
+Parameters are float32; `dtype` is the compute dtype of the convolutions and the FC layer.
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from lbsgd.models.norm import GroupedBatchNorm
 
 # Sec. 5.1: "MSRA" init with fan_out, a plain (not truncated) normal distribution.
 CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -32,9 +34,7 @@ FC_INIT = jax.nn.initializers.normal(stddev=0.01)
 class _Layers:
     """Builds convs and BNs that share the network-wide settings."""
 
-    bn_group_size: int
-    bn_num_groups: int
-    bn_momentum: float
+    norm: Callable[..., nnx.Module]
     dtype: jnp.dtype
     rngs: nnx.Rngs
 
@@ -55,15 +55,8 @@ class _Layers:
             rngs=self.rngs,
         )
 
-    def bn(self, features: int, *, zero_init: bool = False) -> GroupedBatchNorm:
-        return GroupedBatchNorm(
-            features,
-            group_size=self.bn_group_size,
-            num_groups=self.bn_num_groups,
-            momentum=self.bn_momentum,
-            zero_init=zero_init,
-            dtype=self.dtype,
-        )
+    def bn(self, features: int, *, zero_init: bool = False) -> nnx.Module:
+        return self.norm(features, zero_init=zero_init)
 
 
 class Shortcut(nnx.Module):
@@ -137,16 +130,14 @@ class ResNet(nnx.Module):
         *,
         stem: str,
         num_classes: int,
-        in_channels: int = 3,
-        bn_group_size: int = 32,
-        bn_num_groups: int = 1,
-        bn_momentum: float = 0.9,
-        dtype=jnp.float32,
+        in_channels: int,
+        norm: Callable[..., nnx.Module],
+        dtype,
         rngs: nnx.Rngs,
     ):
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"unknown stem {stem!r}; expected 'imagenet' or 'cifar'")
-        layers = _Layers(bn_group_size, bn_num_groups, bn_momentum, jnp.dtype(dtype), rngs)
+        layers = _Layers(norm, jnp.dtype(dtype), rngs)
         self.dtype = jnp.dtype(dtype)
         self.max_pool = stem == "imagenet"
         stem_kernel = 7 if self.max_pool else 3

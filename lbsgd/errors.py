@@ -1,0 +1,25 @@
+"""The errors a user can act on: each message names the field, file or step and the fix.
+
+`python -m lbsgd.main` catches `LbsgdError` once and prints its message as one `lbsgd: ...`
+line (no traceback) before exiting non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class LbsgdError(Exception):
+    """Base of every error whose message tells the user what to do."""
+
+
+class ConfigError(LbsgdError):
+    """A config that cannot run; the message lists every problem found, each with its fix."""
+
+
+class DataError(LbsgdError):
+    """Data that cannot be trained on as it is: the message names the file or field and the fix."""
+
+
+class CheckpointError(LbsgdError):
+    """A resume that would silently change the experiment or lose work."""
+
+
+class DivergenceError(LbsgdError):
+    """A non-finite loss or gradient: the run stops before anything of it is saved."""
