@@ -1,6 +1,6 @@
 """Where a run's numbers go: metrics.jsonl, TensorBoard (via clu), and a console progress line.
 
-Only process 0 writes files. Rows follow the public contract in DESIGN.md: `step` is the
+Only process 0 writes files. Rows follow the public contract in docs/design.md: `step` is the
 number of updates done, `epoch` the fraction of epochs done, `lr` the rate that step's
 update used, `time` the Unix time the row was written (for wall-clock reports). A resumed
 run first drops the rows written after its checkpoint, so the file never holds a step twice.

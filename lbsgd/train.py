@@ -1,4 +1,4 @@
-"""The training loop: state, the pure sharded train and eval steps, metrics and progress.
+"""State, the pure sharded train and eval steps, setup() of a run, and the training loop.
 
 The train step is one `jax.jit` over the whole global batch with explicit shardings: the batch
 and the BN groups split over the mesh, parameters and optimizer state replicated. XLA inserts

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from lbsgd.datasets import imagenet
+from lbsgd.datasets import imagenet, load_dataset
 from tests.helpers import (
     REPO,
+    lbsgd_command,
     lbsgd_env,
     metrics_rows,
     run_lbsgd,
     sparse_archives,
+    tiny_config,
     write_image_folder,
 )
 
@@ -64,6 +66,56 @@ def test_bad_config_stops_with_the_fields_and_the_fix(tmp_path):
     assert "Traceback" not in result.stderr
     assert "global_batch_size 100 is not divisible by bn_group_size 32 x 8 devices" in result.stderr
     assert "warmup 'linear' is unknown" in result.stderr
+
+
+# Mistakes a user makes, each answered by one short message naming the field and the fix.
+USER_MISTAKES = {
+    "misspelled field": (("--config.base_lrr=0.2",), "--config.base_lrr: no such config field; "
+                         "did you mean --config.base_lr?"),
+    "negative seed": (("--config.seed=-1",), "lbsgd: invalid config: seed -1 must be >= 0"),
+    "batch larger than the training set": (
+        ("--config.global_batch_size=8192",),
+        "global_batch_size 8192 is larger than the 4000 training images"),
+    "missing config file": (("--config=configs/nope.py",), "--config=configs/nope.py: no such "
+                            "file"),
+    "unparsable value": (("--config.seed=abc",), "flag --config.seed=abc: invalid literal"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", sorted(USER_MISTAKES))
+def test_user_mistakes_stop_in_at_most_three_lines_without_a_traceback(tmp_path, mistake):
+    overrides, expected = USER_MISTAKES[mistake]
+    config = next((o.split("=", 1)[1] for o in overrides if o.startswith("--config=")),
+                  "configs/demo.py")
+    overrides = [o for o in overrides if not o.startswith("--config=")]
+    load_dataset(tiny_config())  # prepared beforehand: its first-use progress bars aside
+    env = lbsgd_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # what a user's shell has: nothing set
+    result = run_lbsgd(tmp_path / "run", *overrides, config=config, env=env)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+
+
+@pytest.mark.slow
+def test_configs_load_from_outside_the_repository_root(tmp_path):
+    """configs/*.py import the defaults from the installed package, not from the cwd."""
+    command = lbsgd_command(tmp_path / "run", "--config.seed=-1",
+                            config=str(REPO / "configs" / "demo.py"))
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env=lbsgd_env())
+    assert result.returncode != 0
+    assert "lbsgd: invalid config: seed -1 must be >= 0" in result.stderr, result.stderr
+    # A config of the user's own that imports a package the cwd does not hold: one line too.
+    own = tmp_path / "mine.py"
+    own.write_text("from configs import default\n\ndef get_config():\n    return None\n")
+    result = subprocess.run(lbsgd_command(tmp_path / "run", config=str(own)), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600, env=lbsgd_env())
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (f"lbsgd: --config={own} cannot be loaded: ModuleNotFoundError: No module named "
+            "'configs'") in result.stderr
 
 
 def _finite_training(workdir, steps):

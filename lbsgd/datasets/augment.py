@@ -1,4 +1,4 @@
-"""Pixels from a stored record: Sec. 5.1's training crops and evaluation resize, or none.
+"""Pixels from a stored record: Sec. 5.1's training crop and flip, and its evaluation resize.
 
 Each transform is `transform(record, rng) -> uint8 [H, W, C]` with `rng` seeded by (seed,
 epoch, index) (datasets/sources.py), so augmentation is a pure function of those three.
