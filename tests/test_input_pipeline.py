@@ -71,8 +71,12 @@ def photos(tmp_path_factory):
     """A prepared folder dataset of real JPEGs: 3 classes x 8 train images (80x60), 9 val."""
     root = write_image_folder(tmp_path_factory.mktemp("photos"))
     data_dir = tmp_path_factory.mktemp("tfds")
-    return lambda **overrides: load_dataset(
-        folder_config(root, data_dir, **overrides))
+
+    def load(**overrides):
+        return load_dataset(folder_config(root, data_dir, **overrides))
+
+    load.root = root
+    return load
 
 
 def _take(batches, count):
@@ -202,3 +206,43 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(photos):
 def test_eval_resize_keeps_the_paper_ratio():
     assert round(224 * augment.EVAL_RESIZE) == 256
     assert math.isclose(augment.EVAL_RESIZE, 256 / 224)
+
+
+def _shifts(out, pixels):
+    """Every (top, left, flip) for which `out` is `pixels` zero-padded by 4, cropped at
+    (top, left) and maybe mirrored: the CIFAR recipe, written out independently."""
+    height, width = pixels.shape[:2]
+    padded = np.pad(pixels, ((4, 4), (4, 4), (0, 0)))
+    return [(top, left, flip) for top in range(9) for left in range(9) for flip in (False, True)
+            if np.array_equal(out[:, ::-1] if flip else out,
+                              padded[top:top + height, left:left + width])]
+
+
+def test_pad_crop_is_a_shift_of_at_most_4_pixels_with_zeros_and_a_flip():
+    pixels = np.random.default_rng(0).integers(1, 256, (12, 10, 1), dtype=np.uint8)
+    seen = set()
+    for seed in range(1000):
+        matches = _shifts(augment.pad_crop(pixels, np.random.default_rng(seed)), pixels)
+        assert matches, seed
+        seen.update(matches)
+    assert len(seen) >= 160  # (nearly) all 9 x 9 offsets, both ways, are drawn: 162
+
+
+@pytest.mark.parametrize("name", ["none", "pad_crop"])
+def test_small_image_augmentations_keep_the_whole_image(photos, name):
+    """`none` and `pad_crop` see the whole photo resized to image_size (no Sec. 5.1 crop);
+    only pad_crop's training images move, by at most 4 pixels, maybe mirrored."""
+    dataset = photos(augment=name)
+    train, evaluation = dataset.train.read(np.arange(24)), dataset.eval.read(np.arange(9))
+    for split, batch in (("train", train), ("val", evaluation)):
+        files = sorted(photos.root.glob(f"{split}/*/*.jpg"))
+        for image, path in zip(batch["image"], files, strict=True):
+            whole = np.asarray(Image.open(path).convert("RGB").resize(
+                (32, 32), Image.Resampling.BILINEAR))
+            if name == "pad_crop" and split == "train":
+                assert _shifts(image, whole), path
+            else:
+                np.testing.assert_array_equal(image, whole)
+    if name == "pad_crop":
+        again = dataset.train.read(np.arange(24), epoch=1)["image"]
+        assert not np.array_equal(train["image"], again)  # drawn anew each epoch

@@ -117,6 +117,15 @@ def test_fractional_warmup_epochs(warmup_epochs):
     assert lr_at(schedule, 15) == np.float32(0.4)
 
 
+@pytest.mark.parametrize("warmup", ["gradual", "constant"])
+def test_warmup_below_kn_256_never_exceeds_the_target(warmup):
+    # kn = 64: target 0.1 x 64 / 256 = 0.025 < base_lr. Warmup starts from the smaller of the
+    # two, so it is the target from step 0 (a ramp down from 0.1 would be 4x too fast).
+    schedule = optim.learning_rate_schedule(make_config(global_batch_size=64, warmup=warmup), 10)
+    lrs = [lr_at(schedule, t) for t in range(0, 60, 7)]
+    np.testing.assert_allclose(lrs, 0.025, rtol=1e-6)
+
+
 def test_warmup_of_one_step_has_no_ramp():
     cfg = make_config(global_batch_size=1024, warmup_epochs=0.1)  # W = 1
     schedule = optim.learning_rate_schedule(cfg, 10)

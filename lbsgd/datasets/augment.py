@@ -1,12 +1,21 @@
-"""Pixels from a stored record: Sec. 5.1's training crop and flip, and its evaluation resize.
+"""Augmentation, a choice per dataset (`config.augment`), as pure functions of (seed, epoch, index).
 
-Each transform is `transform(record, rng) -> uint8 [H, W, C]` with `rng` seeded by (seed,
-epoch, index) (datasets/sources.py), so augmentation is a pure function of those three.
+- `inception_crop`: Sec. 5.1's ImageNet recipe, a random crop of 8-100% of the area with aspect
+  ratio 3/4-4/3 resized to image_size, and a flip; evaluation resizes the shorter side to
+  256/224 of image_size and takes the center. For photos much larger than image_size.
+- `pad_crop`: the CIFAR standard for small images: pad 4 pixels (zeros), crop image_size at a
+  random offset, flip; evaluation sees the whole image.
+- `none`: the stored pixels (resized to image_size if they differ), in training and evaluation.
+
+A transform of encoded records is `transform(record, rng) -> uint8 [H, W, C]`; one of
+in-memory pixels is `transform(pixels, rng)`. `rng` is seeded by (seed, epoch, index)
+(datasets/sources.py), so a resumed run sees the same pixels.
 """
 
+import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -18,6 +27,11 @@ CROP_AREA = (0.08, 1.0)
 CROP_ASPECT = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 EVAL_RESIZE = 256 / 224
+PAD = 4  # pad_crop: the CIFAR-10 recipe of He et al. 2016, Sec. 4.2
+AUGMENTATIONS = ("inception_crop", "pad_crop", "none")
+
+Transform = Callable[[dict, np.random.Generator], np.ndarray]
+PixelTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 def random_size_crop(height: int, width: int,
@@ -81,3 +95,37 @@ def eval_image(record: dict, rng: np.random.Generator, *, size: int) -> np.ndarr
         top, left = (height - size) // 2, (width - size) // 2  # in the resized image
         sx, sy = image.width / width, image.height / height  # resized -> original pixels
         return resized_crop(image, (top * sy, left * sx, size * sy, size * sx), size)
+
+
+def whole_image(record: dict, rng: np.random.Generator, *, size: int) -> np.ndarray:
+    """The decoded image as RGB, resized to size x size when it is not that size already."""
+    with Image.open(io.BytesIO(record["image"])) as image:
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(image)
+
+
+def pad_crop(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Zero-pad PAD pixels on every side, crop the original size at a random offset, flip."""
+    height, width = pixels.shape[:2]
+    padded = np.pad(pixels, ((PAD, PAD), (PAD, PAD), (0, 0)))
+    top, left = rng.integers(0, 2 * PAD + 1, size=2)
+    crop = padded[top:top + height, left:left + width]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def record_transforms(augment: str, size: int) -> tuple[Transform, Transform]:
+    """(train, eval) transforms of encoded images for `augment`."""
+    whole = functools.partial(whole_image, size=size)
+    if augment == "inception_crop":
+        return (functools.partial(train_image, size=size),
+                functools.partial(eval_image, size=size))
+    if augment == "pad_crop":
+        return (lambda record, rng: pad_crop(whole(record, rng), rng)), whole
+    return whole, whole
+
+
+def pixel_transform(augment: str) -> PixelTransform | None:
+    """The training transform of in-memory pixels for `augment` (None: as stored)."""
+    return pad_crop if augment == "pad_crop" else None

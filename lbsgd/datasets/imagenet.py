@@ -34,10 +34,11 @@ def manual_dir_problems(manual_dir: Path) -> list[str]:
     return problems
 
 
-def load(data_dir: str, *, multi_process: bool) -> tfds.core.DatasetBuilder:
-    """The prepared `imagenet2012` builder; prepared here on first use in a one-process run."""
+def load(data_dir: str, *, multi_process: bool, manual_dir: str = "") -> tfds.core.DatasetBuilder:
+    """The prepared `imagenet2012` builder; prepared here on first use in a one-process run,
+    from the archives in `manual_dir` (default: DATA_DIR/downloads/manual)."""
     builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="array_record")
-    manual_dir = Path(data_dir) / "downloads" / "manual"
+    manual_dir = Path(manual_dir) if manual_dir else Path(data_dir) / "downloads" / "manual"
     command = prepare_command("imagenet2012", data_dir)
     if not builder.is_prepared():
         problems = manual_dir_problems(manual_dir)

@@ -5,7 +5,7 @@ streamed. `read` returns a host-local batch dict, `image` uint8 [rows, H, W, C] 
 int32 [rows]; images stay uint8 until they are on the device (4x less host-to-device traffic).
 
 - `ArraySource`: decoded arrays held in memory (small datasets: a record read costs more
-  than the image).
+  than the image), optionally augmented per image (`pad_crop`).
 - `RecordSource`: a prepared TFDS split read by index, each record turned into pixels by a
   transform (datasets/augment.py) on a thread pool; Pillow releases the GIL, and forking
   workers after JAX has started is unsafe.
@@ -15,27 +15,34 @@ int32 [rows]; images stay uint8 until they are on the device (4x less host-to-de
 import concurrent.futures
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
+from lbsgd.datasets.augment import PixelTransform, Transform
 from lbsgd.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
-    """An in-memory split: `read(indices)` -> a batch dict; no augmentation."""
+    """An in-memory split: `read(indices)` -> a batch dict, each image through `transform`
+    (with a generator seeded by (seed, epoch, index)) when there is one."""
 
     images: np.ndarray  # uint8 [N, H, W, C]
     labels: np.ndarray  # int32 [N]
+    transform: PixelTransform | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def read(self, indices: np.ndarray, *, seed: int = 0,
              epoch: int = 0) -> dict[str, np.ndarray]:
-        return {"image": self.images[indices], "label": self.labels[indices]}
+        images = self.images[indices]
+        if self.transform is not None:
+            images = np.stack([self.transform(image, np.random.default_rng([seed, epoch, int(i)]))
+                               for image, i in zip(images, indices, strict=True)])
+        return {"image": images, "label": self.labels[indices]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +62,6 @@ class SyntheticSource:
         shape = (len(indices), *self.image_shape)
         return {"image": rng.integers(0, 256, shape, dtype=np.uint8),
                 "label": (np.asarray(indices) % self.num_classes).astype(np.int32)}
-
-
-Transform = Callable[[dict, np.random.Generator], np.ndarray]
 
 
 @functools.cache
