@@ -142,7 +142,7 @@ def table_rows(settings: list[Setting]) -> list[list[str]]:
     return rows
 
 
-def _smoothed_train_error(run: Run) -> tuple[list[float], list[float]]:
+def train_error_by_epoch(run: Run) -> tuple[list[float], list[float]]:
     """Training error per epoch (mean over the epoch's logged steps), as the paper plots it."""
     by_epoch: dict[int, list[float]] = {}
     for row in run.train:
@@ -163,7 +163,7 @@ def _save(fig, ax, path: Path, *, legend: bool = True) -> None:
 def plot_training_error(settings: list[Setting], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in settings:
-        curves = [_smoothed_train_error(run) for run in s.runs]
+        curves = [train_error_by_epoch(run) for run in s.runs]
         length = min(len(epochs) for epochs, _ in curves)
         mean = [statistics.fmean(c[1][i] for c in curves) for i in range(length)]
         ax.plot(curves[0][0][:length], mean, marker="o", markersize=2, label=s.label)

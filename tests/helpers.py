@@ -2,6 +2,7 @@
 
 import atexit
 import functools
+import gzip
 import json
 import os
 import shutil
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from configs import default
 
@@ -70,30 +73,12 @@ def metrics_rows(workdir) -> list[dict]:
 
 def write_image_folder(root, *, classes=3, train_per_class=8, val_per_class=3, size=(80, 60),
                        seed=0) -> Path:
-    """root/train/class_C/*.jpg and root/val/class_C/*.jpg: real photos as JPEG files.
+    """root/{train,val}/class_C/III.jpg: random crops of real photos resized to `size` (width,
+    height), as JPEG files; the benchmarks' writer (benchmarks/common.py)."""
+    from benchmarks.common import write_photo_folder
 
-    Each image is a random crop of one of scikit-learn's two sample photos (640x427), resized
-    to `size` (width, height), so that decoding and augmentation see real image content.
-    """
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = Path(root) / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                photo = photos[(c + i) % len(photos)]
-                height, width = photo.shape[:2]
-                h = rng.integers(height // 3, height + 1)
-                w = rng.integers(width // 3, width + 1)
-                top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-                crop = Image.fromarray(photo[top:top + h, left:left + w]).resize(size)
-                crop.save(folder / f"{i:03d}.jpg", quality=90)
-    return Path(root)
+    return write_photo_folder(root, classes=classes, sizes=[size], seed=seed,
+                              per_class={"train": train_per_class, "val": val_per_class})
 
 
 def folder_config(root, data_dir, **overrides):
@@ -109,3 +94,34 @@ def sparse_archives(manual_dir, sizes):
     for name, size in sizes.items():
         with open(Path(manual_dir) / name, "wb") as f:
             f.truncate(size)
+
+
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> None:
+    """The IDX format as Zalando (and LeCun's MNIST) publish it: magic 0x0000 08 <dims>,
+    each dimension as a big-endian uint32, then the unsigned bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def write_fashion(directory: Path, *, per_class=(3, 1), labels=None, compress=True, seed=0):
+    """The four files with `per_class` train / test images of each of the 10 classes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        split_labels = np.tile(np.arange(10), count) if labels is None else labels[split]
+        images = rng.integers(0, 256, (len(split_labels), 28, 28), dtype=np.uint8)
+        images_name, labels_name = FASHION_FILES[split]
+        write_idx(directory / images_name, images, compress=compress)
+        write_idx(directory / labels_name, split_labels, compress=compress)
+        arrays[split] = (images, split_labels)
+    return arrays

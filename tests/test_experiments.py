@@ -1,27 +1,38 @@
-"""The small-scale study's driver, end to end in its --quick mode: runs, then reports."""
+"""The Fashion-MNIST study's driver, end to end in its --quick mode: runs, then reports."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, lbsgd_env, metrics_rows
+from tests.helpers import REPO, lbsgd_env, metrics_rows, write_fashion
 
 
 @pytest.mark.slow
-def test_quick_sweep_runs_every_setting_and_seed_then_reports(tmp_path):
-    command = [sys.executable, "experiments/small_scale.py", "--quick", "--out", str(tmp_path)]
+def test_quick_study_runs_every_kind_of_run_then_reports(tmp_path):
+    write_fashion(tmp_path / "raw", per_class=(20, 10))  # 200 train / 100 test images
+    command = [sys.executable, "experiments/fashion_mnist.py", "--quick", "--out",
+               str(tmp_path / "study"), f"--config.manual_dir={tmp_path / 'raw'}",
+               f"--config.data_dir={tmp_path / 'tfds'}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                             env=lbsgd_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs == ["kn128-seed0", "kn128-seed1", "kn64-seed0", "kn64-seed1"]
+    runs = sorted(p.name for p in (tmp_path / "study" / "runs").iterdir())
+    assert runs == ["kn128-constant-seed0", "kn128-none-seed0", "kn128-seed0", "kn64-seed0"]
     for run in runs:
-        rows = metrics_rows(tmp_path / "runs" / run)
+        rows = metrics_rows(tmp_path / "study" / "runs" / run)
         assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
-    table = (tmp_path / "report-fig1" / "report.md").read_text()
-    assert "| global_batch_size=64 | 64 | 0.025 | none | eq9 | 2 |" in table
-    assert "| global_batch_size=128 | 128 | 0.05 | none | eq9 | 2 |" in table
+    lrs = {run: [r["lr"] for r in metrics_rows(tmp_path / "study" / "runs" / run) if "lr" in r]
+           for run in runs}
+    assert lrs["kn128-none-seed0"] == pytest.approx([0.05] * 3)  # 0.1 x 128 / 256
+    assert lrs["kn128-constant-seed0"] == pytest.approx([0.05] * 3)  # min(base_lr, target)
+    table = (tmp_path / "study" / "report-warmup" / "report.md").read_text()
+    for warmup in ("gradual", "constant", "none"):
+        assert f"| 128 | 0.05 | {warmup} | eq9 | 1 |" in table
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert summary["large_kn"] == 128 and summary["base_kn"] == 64
+    assert set(summary["final_error"]) == {"64", "128"}
     # A second call finds every run finished and only rewrites the reports.
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                            env=lbsgd_env())

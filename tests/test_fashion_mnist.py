@@ -1,42 +1,12 @@
 """Fashion-MNIST through TFDS from its IDX files: IDX files the tests write themselves (the real
 ones come from Debian's dataset-fashion-mnist, which the tests do not need)."""
 
-import gzip
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from lbsgd.datasets import fashion_mnist, load_dataset
+from lbsgd.datasets import load_dataset
 from lbsgd.errors import DataError
-from tests.helpers import tiny_config
-
-
-def write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> None:
-    """The IDX format as Zalando (and LeCun's MNIST) publish it: magic 0x0000 08 <dims>,
-    each dimension as a big-endian uint32, then the unsigned bytes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if compress:
-        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-
-
-def write_fashion(directory: Path, *, per_class=(3, 1), labels=None, compress=True, seed=0):
-    """The four files with `per_class` train / test images of each of the 10 classes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, count in zip(("train", "test"), per_class, strict=True):
-        split_labels = np.tile(np.arange(10), count) if labels is None else labels[split]
-        images = rng.integers(0, 256, (len(split_labels), 28, 28), dtype=np.uint8)
-        images_name, labels_name = fashion_mnist.FILES[split]
-        write_idx(directory / images_name, images, compress=compress)
-        write_idx(directory / labels_name, split_labels, compress=compress)
-        arrays[split] = (images, split_labels)
-    return arrays
+from tests.helpers import tiny_config, write_fashion
 
 
 def _config(tmp_path, manual_dir, **overrides):
