@@ -1,40 +1,29 @@
 """Predicted step time and scaling efficiency of data-parallel SGD on 8 ... 1024 devices.
 
-Why: the paper's point is that a large minibatch makes synchronous SGD scale (Goyal et al.
-2017: ~90% scaling efficiency from 8 to 256 P100s over 50 Gbit Ethernet). Whether it does is a
-ratio of two times: compute per step, which stays constant as devices are added (n = 32
-images per device), and the gradient all-reduce, which does not. This script combines a
-measured compute time with the measured gradient bytes (benchmarks/comm.py: ResNet-50 sends
-102,228,128 bytes, one float32 per parameter) under an explicit communication model.
+Why: the paper's large minibatch makes synchronous SGD scale (Goyal et al. 2017: ~90% from 8 to
+256 P100s over 50 Gbit Ethernet). Whether it does is the ratio of two times: compute per step,
+constant at n = 32 images per device, and the gradient all-reduce, which grows with the
+devices. This combines a compute time with the gradient bytes (benchmarks.comm: 102,228,128 for
+ResNet-50) under an explicit model, a stand-in for NCCL's choice among rings, trees and
+halving-doubling (benchmarks/README.md, section 3):
 
-The model (a stand-in for NCCL/Gloo, which pick among ring, tree and halving-doubling):
+* ring all-reduce of B bytes over p devices, bandwidth w, latency a per step:
+  T = 2 (p - 1) / p * B / w + 2 (p - 1) * a;
+* beyond a node of g devices (N = p / g nodes, network bandwidth W per node): the node's ring,
+  then g concurrent rings across nodes on 1/g shards sharing W:
+  T = 2 (g - 1) / g * B / w + 2 (g - 1) * a + 2 (N - 1) / N * B / W + 2 (N - 1) * A;
+* TPU ICI: the per-chip all-reduce bandwidth, latency 2 * sum(d_i - 1) * a on a d1 x d2 x d3 torus;
+* compute C = forward + backward, backward 2/3 of it. No overlap: C + T; ideal overlap of
+  backward and all-reduce: C / 3 + max(2 C / 3, T). Efficiency = C / step time; the paper's
+  "from 8" = step time on 8 / step time on p.
 
-* Ring all-reduce of B bytes over p devices, per-device bandwidth w, per-step latency a:
-      T = 2 (p - 1) / p * B / w + 2 (p - 1) * a
-* Hierarchical, when p exceeds the g devices of a node (N = p / g nodes): reduce-scatter over
-  the node's ring, g concurrent rings across nodes, each on its 1/g shard and all of them
-  sharing the node's network bandwidth W, then an all-gather in the node:
-      T = 2 (g - 1) / g * B / w + 2 (g - 1) * a  +  2 (N - 1) / N * B / W + 2 (N - 1) * A
-  (the paper's own scheme, reduce in the server, halving-doubling between servers, broadcast
-  in the server, has the same bandwidth terms and fewer latency steps: log2 N instead of N - 1.)
-* TPU ICI: one all-reduce over the torus at the per-chip all-reduce bandwidth Google quotes,
-  latency 2 * sum(d_i - 1) * a for a d_1 x d_2 x d_3 torus (dimension by dimension).
-* Compute C per step = forward + backward, backward = 2/3 of it. No overlap: T_step = C + T.
-  Overlap of backward and all-reduce (ideal bucketing): T_step = C / 3 + max(2 C / 3, T).
-* Scaling efficiency = C / T_step (throughput per device against one device that does not
-  communicate); for the paper's figure also T_step(8) / T_step(p), "from 8 GPUs".
+Compute: the paper's P100 backward pass of 120 ms for 32 images plus a forward pass assumed to
+take half of it; other settings only a time measured on that device (--step_time_s or
+--train_step_json), else "not yet measured". Bandwidths and latencies are nominal (SETTINGS).
 
-Compute times. Paper setting: the paper's Sec. 4 gives a ResNet-50 backward pass of 120 ms on
-one P100 (32 images); the forward pass is taken as half of that (an assumption, --paper_forward_s)
-so C = 0.18 s. Other settings: only a time measured on that device (--step_time_s, or
---train_step_json with a JSON line of benchmarks/train_step.py); without one, their
-efficiency is null ("not yet measured") and only the all-reduce time and the compute time
-needed for 90% efficiency are printed. Bandwidths and latencies are nominal link figures,
-stated in SETTINGS below, not measurements.
-
-    python benchmarks/scaling.py                              # table + benchmarks/scaling.png
-    python benchmarks/scaling.py --comm_json comm.jsonl --train_step_json h100.jsonl
-    python benchmarks/scaling.py --grad_bytes 102228128 --step_time_s 0.1 --plot ''
+    python -m benchmarks.scaling                              # table + benchmarks/scaling.png
+    python -m benchmarks.scaling --comm_json comm.jsonl --train_step_json h100.jsonl
+    python -m benchmarks.scaling --grad_bytes 102228128 --step_time_s 0.1 --plot ''
 """
 
 import argparse
@@ -44,7 +33,10 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # lbsgd
+from flax import nnx
+
+from benchmarks import common
+from lbsgd import models
 
 GB = 1e9
 
@@ -158,20 +150,55 @@ def predict(setting: Setting, nbytes: float, devices: list[int], compute_s: floa
 
 
 def param_bytes_of(model: str) -> int:
-    """float32 gradient bytes = 4 x the parameter count of `model` (shapes only, no memory)."""
-    import jax
-    from flax import nnx
-
-    from lbsgd import models
-
+    """float32 gradient bytes = the parameter bytes of `model` (shapes only, no memory)."""
     abstract = nnx.eval_shape(lambda: models.create_model(model, num_classes=1000))
-    params = nnx.state(abstract, nnx.Param)
-    return sum(4 * math.prod(x.shape) for x in jax.tree.leaves(params))
+    return common.param_size(nnx.state(abstract, nnx.Param))["param_bytes"]
 
 
 def read_json_lines(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.lstrip().startswith("{")]
+
+
+def gradient_bytes(args: argparse.Namespace) -> tuple[float, str]:
+    """Bytes all-reduced per step, and where that number comes from."""
+    if args.grad_bytes is not None:
+        return args.grad_bytes, "--grad_bytes"
+    if args.comm_json:
+        totals = [r for r in read_json_lines(args.comm_json)
+                  if r.get("record") == "totals" and r.get("variant") == "lbsgd"]
+        if not totals:
+            sys.exit(f"{args.comm_json}: no totals line of variant lbsgd from benchmarks.comm")
+        return (totals[0]["gradient_allreduce_bytes"],
+                f"comm.py: {totals[0]['model']} {totals[0]['dtype']}")
+    return param_bytes_of(args.model), f"4 x parameters of {args.model}"
+
+
+def compute_time(args: argparse.Namespace) -> tuple[float | None, str]:
+    """The measured compute time per step for the non-paper settings, and its source."""
+    if args.train_step_json:
+        row = read_json_lines(args.train_step_json)[0]
+        return row["lbsgd"]["step_time_median_s"], (
+            f"train_step.py: {row['model']} {row['image_size']}px "
+            f"{row['per_device_batch']}/device on {row['device_kind']}")
+    if args.step_time_s is not None:
+        return args.step_time_s, "--step_time_s"
+    return None, "not yet measured"
+
+
+def paper_comparison(rows: list[dict]) -> list[dict]:
+    """The paper's own figures against the model's, when 8 and 256 devices were predicted."""
+    paper = {r["devices"]: r for r in rows if r["setting"].startswith("paper")}
+    if 8 not in paper or 256 not in paper:
+        return []
+    row = {"record": "paper_comparison"}
+    for tag in ("no_overlap", "overlap"):
+        row[f"predicted_step_s_256_{tag}"] = paper[256][f"step_s_{tag}"]
+        row[f"predicted_efficiency_8_to_256_{tag}"] = (paper[8][f"step_s_{tag}"]
+                                                       / paper[256][f"step_s_{tag}"])
+        row[f"predicted_hours_90_epochs_{tag}"] = PAPER_STEPS * paper[256][f"step_s_{tag}"] / 3600
+    return [{**row, "paper_step_s_from_one_hour": PAPER_STEP_S,
+             "paper_efficiency_8_to_256": PAPER_EFFICIENCY_8_TO_256}]
 
 
 def markdown(rows: list[dict], first: int) -> str:
@@ -180,8 +207,12 @@ def markdown(rows: list[dict], first: int) -> str:
     def ms(x):
         return "-" if x is None else f"{1e3 * x:.1f}"
 
-    def pct(a, b):
-        return "-" if a is None else f"{100 * a:.1f}% / {100 * b:.1f}%"
+    def both(r, fmt, prefix):  # "no overlap / overlap"
+        a, b = r[prefix + "no_overlap"], r[prefix + "overlap"]
+        return "-" if a is None else f"{fmt(a)} / {fmt(b)}"
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
 
     lines = ["| setting | devices | all-reduce ms | compute ms | step ms, no overlap / overlap "
              f"| efficiency, no overlap / overlap | from {first} devices "
@@ -189,18 +220,16 @@ def markdown(rows: list[dict], first: int) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         compute = "not yet measured" if r["compute_s"] is None else ms(r["compute_s"])
-        steps = ("-" if r["step_s_no_overlap"] is None
-                 else f"{ms(r['step_s_no_overlap'])} / {ms(r['step_s_overlap'])}")
-        from_first = pct(r[f"efficiency_from_{first}_no_overlap"],
-                         r[f"efficiency_from_{first}_overlap"])
         lines.append(
-            f"| {r['setting']} | {r['devices']} | {ms(r['allreduce_s'])} | {compute} | {steps} "
-            f"| {pct(r['efficiency_no_overlap'], r['efficiency_overlap'])} | {from_first} "
+            f"| {r['setting']} | {r['devices']} | {ms(r['allreduce_s'])} | {compute} "
+            f"| {both(r, ms, 'step_s_')} | {both(r, pct, 'efficiency_')} "
+            f"| {both(r, pct, f'efficiency_from_{first}_')} "
             f"| {ms(r['min_compute_s_for_90pct_no_overlap'])} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], devices: list[int], path: str, nbytes: float) -> None:
+    """All-reduce time (left) and efficiency from the smallest device count (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,44 +238,42 @@ def plot(rows: list[dict], devices: list[int], path: str, nbytes: float) -> None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for setting in SETTINGS:
         rs = [r for r in rows if r["setting"] == setting.name]
-        left.plot([r["devices"] for r in rs], [1e3 * r["allreduce_s"] for r in rs], "o-",
-                  label=setting.name)
+        ps = [r["devices"] for r in rs]
+        left.plot(ps, [1e3 * r["allreduce_s"] for r in rs], "o-", label=setting.name)
         for tag, style in (("no_overlap", "o-"), ("overlap", "s--")):
-            if rs and rs[0][f"efficiency_{tag}"] is not None:
-                right.plot([r["devices"] for r in rs],
-                           [100 * r[f"efficiency_from_{devices[0]}_{tag}"] for r in rs], style,
-                           label=f"{setting.name}, {tag.replace('_', ' ')}")
-    left.set(xscale="log", yscale="log", xlabel="devices", ylabel="all-reduce time (ms)",
-             title=f"Gradient all-reduce, {nbytes / 1e6:.1f} MB (model)")
-    left.set_xticks(devices, [str(p) for p in devices])
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8)
+            if rs[0][f"efficiency_{tag}"] is not None:
+                right.plot(ps, [100 * r[f"efficiency_from_{devices[0]}_{tag}"] for r in rs],
+                           style, label=f"{setting.name}, {tag.replace('_', ' ')}")
     right.plot([256], [100 * PAPER_EFFICIENCY_8_TO_256], "k*", markersize=12,
                label="paper: ~90% from 8 to 256 GPUs")
-    right.set(xscale="log", xlabel="devices", ylabel=f"efficiency from {devices[0]} devices (%)",
+    left.set(yscale="log", ylabel="all-reduce time (ms)",
+             title=f"Gradient all-reduce, {nbytes / 1e6:.1f} MB (model)")
+    right.set(ylabel=f"efficiency from {devices[0]} devices (%)",
               title="Predicted scaling efficiency", ylim=(50, 102))
-    right.set_xticks(devices, [str(p) for p in devices])
-    right.grid(True, alpha=0.3)
-    right.legend(fontsize=8, loc="lower left")
+    for ax, grid, legend in ((left, "both", "best"), (right, "major", "lower left")):
+        ax.set(xscale="log", xlabel="devices")
+        ax.set_xticks(devices, [str(p) for p in devices])
+        ax.grid(True, which=grid, alpha=0.3)
+        ax.legend(fontsize=8, loc=legend)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--devices", nargs="+", type=int, default=[8, 32, 256, 1024])
     parser.add_argument("--grad_bytes", type=float, default=None,
                         help="bytes all-reduced per step (default: from --comm_json, else "
                              "4 x the parameter count of --model)")
     parser.add_argument("--comm_json", default=None,
-                        help="output of benchmarks/comm.py: its lbsgd totals line gives the bytes")
+                        help="output of benchmarks.comm: its lbsgd totals line gives the bytes")
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--step_time_s", type=float, default=None,
                         help="measured compute time of one device's step, for the non-paper "
                              "settings")
     parser.add_argument("--train_step_json", default=None,
-                        help="output of benchmarks/train_step.py: its first line's lbsgd median "
+                        help="output of benchmarks.train_step: its first line's lbsgd median "
                              "step time is used as --step_time_s")
     parser.add_argument("--paper_backward_s", type=float, default=0.120,
                         help="ResNet-50 backward pass, 32 images, one P100 (paper, Sec. 4)")
@@ -259,64 +286,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.grad_bytes is not None:
-        nbytes, bytes_source = args.grad_bytes, "--grad_bytes"
-    elif args.comm_json:
-        totals = [r for r in read_json_lines(args.comm_json)
-                  if r.get("record") == "totals" and r.get("variant") == "lbsgd"]
-        if not totals:
-            sys.exit(f"{args.comm_json}: no totals line of variant lbsgd from benchmarks/comm.py")
-        nbytes = totals[0]["gradient_allreduce_bytes"]
-        bytes_source = f"comm.py: {totals[0]['model']} {totals[0]['dtype']}"
-    else:
-        nbytes, bytes_source = param_bytes_of(args.model), f"4 x parameters of {args.model}"
-
-    compute_s, compute_source = args.step_time_s, "--step_time_s"
-    if args.train_step_json:
-        row = read_json_lines(args.train_step_json)[0]
-        compute_s = row["lbsgd"]["step_time_median_s"]
-        compute_source = (f"train_step.py: {row['model']} {row['image_size']}px "
-                          f"{row['per_device_batch']}/device on {row['device_kind']}")
-    if compute_s is None:
-        compute_source = "not yet measured"
-
+    nbytes, bytes_source = gradient_bytes(args)
+    compute_s, compute_source = compute_time(args)
+    paper_s = args.paper_backward_s + args.paper_forward_s
+    paper_source = (f"paper Sec. 4: P100 backward {args.paper_backward_s * 1e3:.0f} ms "
+                    f"+ forward {args.paper_forward_s * 1e3:.0f} ms (assumed)")
     devices = sorted(args.devices)
-    paper_compute = args.paper_backward_s + args.paper_forward_s
     rows = []
     for setting in SETTINGS:
-        if setting.name.startswith("paper"):
-            rows += predict(setting, nbytes, devices, paper_compute,
-                            f"paper Sec. 4: P100 backward {args.paper_backward_s * 1e3:.0f} ms "
-                            f"+ forward {args.paper_forward_s * 1e3:.0f} ms (assumed)")
-        else:
-            rows += predict(setting, nbytes, devices, compute_s, compute_source)
-
-    header = {"record": "model", "grad_bytes": nbytes, "grad_bytes_source": bytes_source,
-              "settings": [dataclasses.asdict(s) for s in SETTINGS],
-              "paper_step_s_from_one_hour": PAPER_STEP_S, "paper_steps": PAPER_STEPS,
-              "paper_efficiency_8_to_256": PAPER_EFFICIENCY_8_TO_256}
-    print(json.dumps(header))
-    for row in rows:
+        paper = setting.name.startswith("paper")
+        rows += predict(setting, nbytes, devices, paper_s if paper else compute_s,
+                        paper_source if paper else compute_source)
+    print(json.dumps({"record": "model", "grad_bytes": nbytes, "grad_bytes_source": bytes_source,
+                      "settings": [dataclasses.asdict(s) for s in SETTINGS],
+                      "paper_step_s_from_one_hour": PAPER_STEP_S, "paper_steps": PAPER_STEPS,
+                      "paper_efficiency_8_to_256": PAPER_EFFICIENCY_8_TO_256}))
+    for row in rows + paper_comparison(rows):
         print(json.dumps(row))
-    paper = {r["devices"]: r for r in rows if r["setting"].startswith("paper")}
-    if 8 in paper and 256 in paper:
-        summary = {"record": "paper_comparison",
-                   "predicted_step_s_256_no_overlap": paper[256]["step_s_no_overlap"],
-                   "predicted_step_s_256_overlap": paper[256]["step_s_overlap"],
-                   "paper_step_s_from_one_hour": PAPER_STEP_S,
-                   "predicted_efficiency_8_to_256_no_overlap":
-                       paper[8]["step_s_no_overlap"] / paper[256]["step_s_no_overlap"],
-                   "predicted_efficiency_8_to_256_overlap":
-                       paper[8]["step_s_overlap"] / paper[256]["step_s_overlap"],
-                   "paper_efficiency_8_to_256": PAPER_EFFICIENCY_8_TO_256,
-                   "predicted_hours_90_epochs_no_overlap":
-                       PAPER_STEPS * paper[256]["step_s_no_overlap"] / 3600,
-                   "predicted_hours_90_epochs_overlap":
-                       PAPER_STEPS * paper[256]["step_s_overlap"] / 3600}
-        print(json.dumps(summary))
-    print()
-    print(f"Gradient bytes per step: {nbytes:,.0f} ({bytes_source})")
-    print()
+    print(f"\nGradient bytes per step: {nbytes:,.0f} ({bytes_source})\n")
     print(markdown(rows, devices[0]))
     if args.plot:
         plot(rows, devices, args.plot, nbytes)

@@ -21,10 +21,10 @@ TINY = ["--model", "cifar_resnet8", "--image_size", "16", "--per_device_batch", 
         "--bn_group_size", "8", "--num_classes", "10"]
 
 
-def _run(script: str, *args: str) -> list[dict]:
-    """Run benchmarks/<script> and return the JSON objects it printed on stdout."""
+def _run(name: str, *args: str) -> list[dict]:
+    """Run `python -m benchmarks.<name>` and return the JSON objects it printed on stdout."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -32,7 +32,7 @@ def _run(script: str, *args: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_train_step_prints_one_json_object_with_lbsgd_and_baseline():
-    rows = _run("train_step.py", *TINY, "--devices", "2", "--steps", "2", "--repeats", "1",
+    rows = _run("train_step", *TINY, "--devices", "2", "--steps", "2", "--repeats", "1",
                 "--warmup_steps", "1", "--compile_repeats", "1")
     assert len(rows) == 1
     row = rows[0]
@@ -56,7 +56,7 @@ def test_train_step_prints_one_json_object_with_lbsgd_and_baseline():
 
 @pytest.mark.slow
 def test_comm_lbsgd_all_reduces_exactly_the_gradient_and_nothing_for_batchnorm():
-    rows = _run("comm.py", *TINY, "--variants", "lbsgd", "baseline")
+    rows = _run("comm", *TINY, "--variants", "lbsgd", "baseline")
     totals = {r["variant"]: r for r in rows if r["record"] == "totals"}
     listed = [r for r in rows if r["record"] == "collective"]
     assert set(totals) == {"lbsgd", "baseline"}
@@ -84,7 +84,7 @@ def test_scaling_prints_predictions_a_table_and_a_plot(tmp_path):
         "record": "totals", "variant": "lbsgd", "model": "resnet50", "dtype": "float32",
         "gradient_allreduce_bytes": 102_228_128}) + "\n")
     png = tmp_path / "scaling.png"
-    rows = _run("scaling.py", "--comm_json", str(comm_json), "--train_step_json",
+    rows = _run("scaling", "--comm_json", str(comm_json), "--train_step_json",
                 str(step_json), "--plot", str(png))
     predictions = [r for r in rows if r["record"] == "prediction"]
     assert {r["devices"] for r in predictions} == {8, 32, 256, 1024}

@@ -1,0 +1,1 @@
+"""Benchmarks of lbsgd's train step; run each as `python -m benchmarks.NAME` (README.md)."""
