@@ -1,12 +1,9 @@
-"""Host input throughput: images/s that the train and eval input give at 224 px, on real JPEGs.
+"""Host input throughput: images/s of the train and eval input at 224 px, on real JPEGs.
 
-Writes JPEGs of ImageNet-like size (random crops of scikit-learn's two sample photos, 500x375
-or 375x500, quality 90), prepares them as a `folder:` dataset through TFDS, the path a run
-reads, then times lbsgd's host-level readers batch after batch: `read_train_rows`
-(random-size crop + flip, Sec. 5.1) and `read_eval_rows` (resize 256, center 224), with one
-decoding thread and with every core. These are what the global batch iterators run on their
-background thread, less the copy to the devices, so the rate is what the host can decode for a
-train step. Prints one JSON object.
+Why: whether the host decodes as fast as a step consumes. This writes JPEGs of ImageNet's size
+(crops of real photos), reads them as a `folder:` dataset through TFDS as a run does, and
+times lbsgd's host readers (`read_train_rows`: random-size crop + flip; `read_eval_rows`:
+resize 256, center 224) with one decoding thread and with every core. Prints one JSON object.
 
     python -m benchmarks.input_pipeline [--images 1024] [--batch_size 128] [--batches 8]
 """
@@ -33,44 +30,41 @@ CLASSES = 8
 SIZES = ((500, 375),) * 3 + ((375, 500),)  # (width, height): 3 in 4 landscape
 
 
-def rates(batches, batch_size: int, count: int) -> tuple[float, float]:
-    """(images per wall-clock second, images per CPU second of this process): the second is
-    what one core gives when the machine is shared, the first what this machine gave now."""
+def rates(name: str, batches, batch_size: int, count: int) -> dict:
+    """Images per wall-clock second (what this machine gave now) and per CPU second of this
+    process (what one core gives when the machine is shared) of `count` batches."""
     next(batches)  # the first batch starts the decoding threads; not timed
-    cpu = time.process_time()
-    wall = sum(common.time_each(lambda: next(batches), count))
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(count):
+        next(batches)
     images = count * batch_size
-    return round(images / wall, 1), round(images / (time.process_time() - cpu), 1)
+    return {f"{name}_images_per_sec": round(images / (time.perf_counter() - wall), 1),
+            f"{name}_images_per_cpu_sec": round(images / (time.process_time() - cpu), 1)}
 
 
 def measure(root: Path, data_dir: Path, *, threads: int, batch_size: int, batches: int) -> dict:
     config = default_config()
-    config.dataset, config.data_dir = f"folder:{root}", str(data_dir)
-    config.num_classes, config.image_size, config.input_threads = CLASSES, 224, threads
-    dataset = load_dataset(config)
-    rows = slice(0, batch_size)
+    config.update(dataset=f"folder:{root}", data_dir=str(data_dir), num_classes=CLASSES,
+                  image_size=224, input_threads=threads)
+    dataset, rows = load_dataset(config), slice(0, batch_size)
     train = map(functools.partial(input_pipeline.read_train_rows, dataset,
                                   global_batch_size=batch_size, seed=0, rows=rows),
                 itertools.count())
     evaluate = map(functools.partial(input_pipeline.read_eval_rows, dataset,
                                      batch_size=batch_size, rows=rows),
                    range(0, len(dataset.eval), batch_size))
-    eval_count = min(batches, len(dataset.eval) // batch_size - 1)
-    (train_wall, train_cpu), (eval_wall, eval_cpu) = (rates(train, batch_size, batches),
-                                                      rates(evaluate, batch_size, eval_count))
-    return {"threads": threads,
-            "train_images_per_sec": train_wall, "train_images_per_cpu_sec": train_cpu,
-            "eval_images_per_sec": eval_wall, "eval_images_per_cpu_sec": eval_cpu}
+    return {"threads": threads, **rates("train", train, batch_size, batches),
+            **rates("eval", evaluate, batch_size,
+                    min(batches, len(dataset.eval) // batch_size - 1))}
 
 
 def main() -> None:
-    parser = common.argument_parser(__doc__)
+    parser = common.parser(__doc__)
     parser.add_argument("--images", type=int, default=1024, help="JPEG files per split")
     parser.add_argument("--batch_size", type=int, default=128, help="images per batch")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per measurement")
     args = parser.parse_args()
-    load_before, cores = common.load_average(), len(os.sched_getaffinity(0))
-    per_class = args.images // CLASSES
+    cores, per_class = len(os.sched_getaffinity(0)), args.images // CLASSES
     with tempfile.TemporaryDirectory(prefix="lbsgd-input-bench-") as tmp:
         root, data_dir = Path(tmp) / "photos", Path(tmp) / "tfds"
         common.write_photo_folder(root, classes=CLASSES, sizes=SIZES,
@@ -84,7 +78,7 @@ def main() -> None:
         "jpeg_kib_mean": round(mean_bytes / 1024, 1), "images_per_split": per_class * CLASSES,
         "batch_size": args.batch_size, "timed_batches": args.batches, "cores": cores,
         "pillow": PIL.__version__, "python": platform.python_version(), "results": results,
-        **common.environment(jax.devices(), load_before),
+        **common.environment(jax.devices()),
     }, indent=2))
 
 

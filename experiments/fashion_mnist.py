@@ -45,6 +45,10 @@ class Plan:
         self.seeds = (0,) if quick else (0, 1, 2)
         self.fallback = 128 if quick else 1024
         self.group = 8 if quick else 32
+        # Gradient accumulation over microbatches of this many images: the same function
+        # (tests/test_train.py), measured 1.65x faster at kn = 2048 on this CPU than the
+        # whole batch at once (161 vs 98 img/s, the machine shared alike by both).
+        self.microbatch = 64 if quick else 256
         self.extra = (("--config.max_steps=3", "--config.bn_group_size=8",
                        "--config.eval_batch_size=200") if quick else ())
 
@@ -72,6 +76,7 @@ def run(out: Path, name: str, kn: int, warmup: str, seed: int, plan: Plan,
         command = [sys.executable, "-m", "lbsgd.main", "--config=configs/fashion_mnist.py",
                    f"--workdir={workdir}", f"--config.global_batch_size={kn}",
                    f"--config.warmup={warmup}", f"--config.seed={seed}",
+                   f"--config.microbatch_size={min(kn, plan.microbatch)}",
                    "--config.log_every_steps=1", "--config.checkpoint_every_steps=100000",
                    "--config.keep_checkpoints=1", *plan.extra, *passthrough]
         print("+", " ".join(command[3:]), flush=True)

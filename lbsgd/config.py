@@ -19,9 +19,12 @@ DTYPES = ("float32", "bfloat16")
 # Fields that do not change what is trained, only how the run is observed or stored. Every
 # other field changes the trajectory, so a resume that changes it must say so on purpose
 # (checkpoints.py), and a report groups runs by all the other fields (report.py).
+# microbatch_size is among them: accumulation computes the same function (train.train_step),
+# equal up to float summation order, like a change of the number of devices.
 RUN_ONLY_FIELDS = frozenset({
-    "data_dir", "manual_dir", "input_threads", "eval_batch_size", "max_steps", "log_every_steps",
-    "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "resume_allow_changes",
+    "data_dir", "manual_dir", "input_threads", "microbatch_size", "eval_batch_size",
+    "max_steps", "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
+    "keep_checkpoints", "resume_allow_changes",
 })
 
 
@@ -58,6 +61,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.global_batch_size = 256  # kn: the learning rate follows it (linear scaling rule)
     c.bn_group_size = 32  # n: BatchNorm statistics over groups of n images (Sec. 5.1)
     c.bn_momentum = 0.9  # running average: stat <- m * stat + (1 - m) * batch stat
+    # Gradient accumulation: images per microbatch over all devices, a multiple of
+    # bn_group_size x devices dividing global_batch_size; 0: the whole global batch at once.
+    # The same update in less memory (BN is per worker, so microbatches are independent).
+    c.microbatch_size = 0
     c.eval_batch_size = 256  # evaluation uses running statistics, so any size divisible by devices
 
     # Optimization (Sec. 2 and 5.1).
@@ -99,6 +106,14 @@ def _layout_problems(c: ml_collections.ConfigDict, num_devices: int) -> list[str
             f"global_batch_size {c.global_batch_size} is not divisible by bn_group_size "
             f"{c.bn_group_size} x {num_devices} devices (= {unit}): use a multiple of {unit}, "
             f"e.g. {lower} or {lower + unit}")
+    micro = c.microbatch_size
+    if micro < 0 or (micro and (micro % unit or c.global_batch_size % micro)):
+        divisors = [d for d in range(unit, c.global_batch_size + 1, unit)
+                    if c.global_batch_size % d == 0]
+        problems.append(
+            f"microbatch_size {micro} must be a multiple of bn_group_size {c.bn_group_size} x "
+            f"{num_devices} devices (= {unit}) that divides global_batch_size "
+            f"{c.global_batch_size}: use one of {divisors[:8]}, or 0 (no accumulation)")
     if c.eval_batch_size <= 0 or c.eval_batch_size % num_devices:
         problems.append(f"eval_batch_size {c.eval_batch_size} must be a positive multiple of "
                         f"the {num_devices} devices")

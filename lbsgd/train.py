@@ -19,7 +19,7 @@ import ml_collections
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from lbsgd import checkpoints, input_pipeline, models, optim, parallel
 from lbsgd import config as config_lib
@@ -48,10 +48,13 @@ def normalize(images: jax.Array, dataset: Dataset, dtype: Any) -> jax.Array:
     return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
-def build_model(config: ml_collections.ConfigDict, dataset: Dataset) -> nnx.Module:
-    """The config's model; its BatchNorm keeps one row of statistics per virtual worker."""
+def build_model(config: ml_collections.ConfigDict, dataset: Dataset,
+                batch_size: int | None = None) -> nnx.Module:
+    """The config's model for training batches of `batch_size` images (default kn); its
+    BatchNorm keeps one row of statistics per virtual worker of the batch."""
+    batch_size = batch_size or config.global_batch_size
     norm = models.grouped_norm(group_size=config.bn_group_size,
-                               num_groups=config.global_batch_size // config.bn_group_size,
+                               num_groups=batch_size // config.bn_group_size,
                                momentum=config.bn_momentum, dtype=config.dtype)
     return models.create_model(config.model, num_classes=config.num_classes,
                                in_channels=dataset.image_shape[-1], norm=norm,
@@ -86,26 +89,69 @@ def make_init(config: ml_collections.ConfigDict, dataset: Dataset,
     return graphdef, shardings, jax.jit(init, out_shardings=shardings)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, learning_rate_fn: Callable,
-               dataset: Dataset, dtype: Any) -> tuple[TrainState, dict]:
-    """One SGD update on the global batch: a pure function of (state, batch)."""
-    images = normalize(batch["image"], dataset, dtype)
-    labels = batch["label"]
+def _loss_and_grads(graphdef: nnx.GraphDef, params: dict, batch_stats: dict,
+                    images: jax.Array, labels: jax.Array):
+    """(mean loss, correct count, updated BN rows, gradient) of one batch of whole BN groups."""
 
     def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.batch_stats)
+        model = nnx.merge(graphdef, params, batch_stats)
         logits = model(images, train=True)
-        # Remark 3: the loss is summed over all kn images and divided by kn (not by n).
         loss = cross_entropy(logits, labels).mean()
         return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, jnp.sum(jnp.argmax(logits, axis=-1) == labels), new_stats, grads
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, learning_rate_fn: Callable,
+               dataset: Dataset, dtype: Any, mesh: Mesh,
+               microbatches: int = 1) -> tuple[TrainState, dict]:
+    """One SGD update on the global batch: a pure function of (state, batch).
+
+    Each device computes the gradient of its own rows (whole BN groups: BatchNorm needs
+    nothing from other devices), and one all-reduce (`psum`) sums the devices' gradients,
+    the only communication of the step. With `microbatches` M > 1 each device takes its rows
+    in M slices of whole groups (`graphdef` is built for one slice) and sums their gradients
+    before that one all-reduce: BatchNorm is per worker, so each slice's loss, gradient and
+    statistics rows are exactly those of its groups in the whole batch, the same function in
+    1/M of the activation memory. The slices are an unrolled Python loop: a `lax.scan` was
+    ~10x slower on XLA:CPU.
+    """
+    kn = batch["label"].shape[0]
+
+    def device_part(params, batch_stats, images, labels):
+        def piece(x, m):
+            return x.reshape(microbatches, -1, *x.shape[1:])[m]
+
+        parts = [_loss_and_grads(graphdef, params,
+                                 jax.tree.map(lambda x, m=m: piece(x, m), batch_stats),
+                                 piece(images, m), piece(labels, m))
+                 for m in range(microbatches)]
+        losses, correct, stats, grads = zip(*parts, strict=True)
+        # Remark 3: the loss is summed over all kn images and divided by kn (not by n). Each
+        # part's mean covers kn / (devices x M) images, so the global mean is the sum of the
+        # parts' means over devices x M.
+        parts_in_all = mesh.size * microbatches
+        total = jax.lax.psum((sum(losses), jax.tree.map(lambda *g: sum(g), *grads),
+                              sum(correct)), parallel.DATA_AXIS)
+        loss, grads = total[0] / parts_in_all, jax.tree.map(lambda g: g / parts_in_all, total[1])
+        batch_stats = jax.tree.map(lambda *rows: jnp.concatenate(rows), *stats)
+        return loss, grads, total[2] / kn, batch_stats
+
+    # check_vma=False: the parameters enter replicated, and JAX's check of varying axes would
+    # make their backward pass all-reduce every gradient as it is computed (once per
+    # microbatch); the one psum above is the step's reduction instead.
+    rows, whole = PartitionSpec(parallel.DATA_AXIS), PartitionSpec()
+    loss, grads, top1, batch_stats = jax.shard_map(
+        device_part, mesh=mesh, in_specs=(whole, rows, rows, rows),
+        out_specs=(whole, whole, whole, rows), check_vma=False)(
+        state.params, state.batch_stats, normalize(batch["image"], dataset, dtype),
+        batch["label"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {
         "loss": loss,
-        "train_top1": jnp.mean(jnp.argmax(logits, axis=-1) == labels),
+        "train_top1": top1,
         "lr": learning_rate_fn(state.step),  # the rate this update used
         "grad_norm": optax.tree.norm(grads),  # also catches an Inf gradient of a finite loss
     }
@@ -163,12 +209,17 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experi
     learning_rate_fn = optim.learning_rate_schedule(config, steps_per_epoch)
     tx = optim.make_optimizer(config, learning_rate_fn)
     graphdef, shardings, init_state = make_init(config, dataset, tx, mesh)
+    microbatch = config.microbatch_size or config.global_batch_size
+    # The train step's model sees one device's share of one microbatch.
+    step_graphdef = nnx.split(nnx.eval_shape(
+        lambda: build_model(config, dataset, microbatch // mesh.size)))[0]
     # Explicit shardings (pjit semantics, no pmap): XLA inserts the gradient all-reduce.
     batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     dtype = jnp.dtype(config.dtype)
     train_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx,
-                          learning_rate_fn=learning_rate_fn, dataset=dataset, dtype=dtype),
+        functools.partial(train_step, graphdef=step_graphdef, tx=tx,
+                          learning_rate_fn=learning_rate_fn, dataset=dataset, dtype=dtype,
+                          mesh=mesh, microbatches=config.global_batch_size // microbatch),
         in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
         donate_argnums=0)
     eval_fn = jax.jit(

@@ -1,5 +1,7 @@
 """The sharded train step: hardware invariance, a per-worker reference, and its communication."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from lbsgd import config as config_lib
 from lbsgd import hlo, models, parallel, train
 from tests.helpers import tiny_config
 
@@ -84,10 +87,36 @@ def test_train_step_equals_a_loop_over_workers():
                  jax.device_get(new_state.batch_stats), reference_stats)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_only_collective_is_the_gradient_all_reduce(dtype):
-    """BN costs no communication: the 8-device step all-reduces the gradients and nothing else."""
-    config = tiny_config(dtype=dtype)
+@pytest.mark.parametrize("devices", [1, 8])
+def test_gradient_accumulation_is_the_same_step(devices):
+    """Per-worker BN makes microbatches of whole groups independent: accumulating 4 of them is
+    the whole step (loss, top-1, every parameter, every worker's BN row, the optimizer)."""
+    config = tiny_config(global_batch_size=256, bn_group_size=8, warmup="none")
+    whole = _run(config, jax.devices()[:devices], steps=2)
+    config.microbatch_size = 64
+    accumulated = _run(config, jax.devices()[:devices], steps=2)
+    np.testing.assert_allclose(accumulated[0], whole[0], rtol=1e-6)
+    for tree in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     getattr(accumulated[1], tree), getattr(whole[1], tree))
+    assert not np.allclose(whole[1].batch_stats["stem_bn"]["mean"][0],
+                           whole[1].batch_stats["stem_bn"]["mean"][-1])  # rows differ
+
+
+def test_microbatch_size_that_does_not_divide_names_the_fix():
+    config = tiny_config(global_batch_size=256, bn_group_size=8, microbatch_size=96)
+    with pytest.raises(config_lib.ConfigError, match=r"microbatch_size 96 must be a multiple of "
+                       r"bn_group_size 8 x 8 devices \(= 64\) that divides global_batch_size "
+                       r"256: use one of \[64, 128, 256\], or 0"):
+        config_lib.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize("dtype, microbatch_size", [("float32", 0), ("bfloat16", 0),
+                                                     ("float32", 64)])
+def test_only_collective_is_the_gradient_all_reduce(dtype, microbatch_size):
+    """BN costs no communication: the 8-device step all-reduces the gradients once (also when
+    it accumulates microbatches) and nothing else."""
+    config = tiny_config(dtype=dtype, global_batch_size=128, microbatch_size=microbatch_size)
     ex = train.setup(config, parallel.make_mesh())
     batch = next(ex.train_batches())
     collectives = hlo.parse_collectives(
@@ -95,8 +124,15 @@ def test_only_collective_is_the_gradient_all_reduce(dtype):
 
     assert {c["op"] for c in collectives} == {"all-reduce"}, collectives
     tensors = [t for c in collectives for t in c["tensors"]]
-    reduced = sum(t["bytes"] for t in tensors if t["shape"])
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ex.init_state().params))
-    assert reduced == param_bytes
-    # Besides the gradients only the scalar loss and top-1 means cross devices.
+    reduced = collections.Counter(tuple(t["shape"]) for t in tensors if t["shape"])
+    params = ex.init_state().params
+    gradients = collections.Counter(tuple(x.shape) for x in jax.tree.leaves(params))
+    assert not reduced - gradients  # nothing but gradients, none twice (once per microbatch)
+    # XLA reduces equal gradients once: a projection shortcut's BN beta gets exactly the
+    # gradient of the block's last BN beta (both are added into the block's output).
+    shortcut_betas = collections.Counter(
+        tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if "shortcut" in jax.tree_util.keystr(path) and path[-1].key == "beta")
+    assert gradients - reduced == shortcut_betas
+    # Besides the gradients only the scalar loss and top-1 sums cross devices.
     assert len([t for t in tensors if not t["shape"]]) <= 2
