@@ -12,7 +12,8 @@ from lbsgd.errors import DataError
 from tests.helpers import tiny_config
 
 
-@pytest.mark.parametrize("name", ["default", "demo", "bs256", "bs8192"])
+@pytest.mark.parametrize("name", ["default", "demo", "bs256", "bs8192", "fashion_mnist",
+                                  "fashion_mnist_gpu"])
 def test_shipped_configs_are_valid_on_one_and_eight_devices(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     for num_devices in (1, 8):
