@@ -89,9 +89,9 @@ def test_train_step_equals_a_loop_over_workers():
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_gradient_accumulation_is_the_same_step(devices):
-    """Per-worker BN makes microbatches of whole groups independent: accumulating 4 of them is
+    """Per-worker BN makes microbatches of whole groups independent: accumulating 2 of them is
     the whole step (loss, top-1, every parameter, every worker's BN row, the optimizer)."""
-    config = tiny_config(global_batch_size=256, bn_group_size=8, warmup="none")
+    config = tiny_config(global_batch_size=128, bn_group_size=8, warmup="none")
     whole = _run(config, jax.devices()[:devices], steps=2)
     config.microbatch_size = 64
     accumulated = _run(config, jax.devices()[:devices], steps=2)
