@@ -7,7 +7,11 @@ instead of a failed pod job. Values are those of Goyal et al. 2017, Sec. 2 and 5
 comment says otherwise.
 """
 
+import math
+import numbers
+
 import ml_collections
+from absl import logging
 
 from lbsgd import models
 from lbsgd.datasets.augment import AUGMENTATIONS
@@ -120,11 +124,25 @@ def _layout_problems(c: ml_collections.ConfigDict, num_devices: int) -> list[str
     return problems
 
 
+def _nonfinite_problems(c: ml_collections.ConfigDict) -> dict[str, str]:
+    """field -> problem, for every field holding an inf or nan (alone or in a tuple)."""
+    defaults = default_config()
+    problems = {}
+    for field, value in c.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in values):
+            fix = f", e.g. the default {defaults[field]}" if field in defaults else ""
+            problems[field] = f"{field} {value} must be a finite number{fix}"
+    return problems
+
+
 def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
-    problems = []
+    nonfinite = _nonfinite_problems(c)
+    problems = list(nonfinite.values())
 
     def check(ok: bool, message: str) -> None:
-        if not ok:
+        # Every message starts with its field; a non-finite field is reported once, above.
+        if not ok and message.split(" ", 1)[0] not in nonfinite:
             problems.append(message)
 
     check(c.model in models.MODEL_NAMES,
@@ -140,14 +158,23 @@ def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
     check(c.weight_decay >= 0, f"weight_decay {c.weight_decay} must be >= 0")
     check(0 < c.bn_momentum < 1, f"bn_momentum {c.bn_momentum} must be in (0, 1)")
     check(c.num_epochs > 0, f"num_epochs {c.num_epochs} must be > 0")
-    check(0 <= c.warmup_epochs <= c.num_epochs,
-          f"warmup_epochs {c.warmup_epochs} must be in [0, num_epochs={c.num_epochs}]")
+    if c.warmup != "none":  # warmup "none" never reads warmup_epochs
+        check(0 <= c.warmup_epochs <= c.num_epochs,
+              f"warmup_epochs {c.warmup_epochs} must be in [0, num_epochs={c.num_epochs}]")
     decays = list(c.lr_decay_epochs)
-    check(decays == sorted(decays) and all(0 < e for e in decays),
-          f"lr_decay_epochs {tuple(decays)} must be positive and increasing, e.g. (30, 60, 80)")
+    # A repeated epoch would decay twice at once: that is what lr_decay_factor is for.
+    check(all(0 < e for e in decays) and decays == sorted(set(decays)),
+          f"lr_decay_epochs {tuple(decays)} must be positive and strictly increasing, e.g. "
+          "(30, 60, 80)")
     check(0 < c.lr_decay_factor <= 1, f"lr_decay_factor {c.lr_decay_factor} must be in (0, 1]")
     check(c.num_classes > 1, f"num_classes {c.num_classes} must be > 1")
-    check(c.image_size > 0, f"image_size {c.image_size} must be > 0")
+    if c.model in models.MODEL_NAMES:
+        smallest = models.min_image_size(c.model)
+        check(c.image_size >= smallest,
+              f"image_size {c.image_size} is too small for {c.model}, whose strides downsample "
+              f"by {smallest}: use --config.image_size={smallest} or more")
+    else:
+        check(c.image_size > 0, f"image_size {c.image_size} must be > 0")
     check(c.input_threads >= 0, f"input_threads {c.input_threads} must be >= 0 (0: every core)")
     # The seed feeds NumPy's and JAX's generators, which take non-negative integers.
     check(c.seed >= 0, f"seed {c.seed} must be >= 0")
@@ -159,10 +186,27 @@ def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+def _warnings(c: ml_collections.ConfigDict) -> list[str]:
+    """Legal settings that are probably mistakes, for a config without problems."""
+    warnings = []
+    # Update t decays at epoch e when t >= e * steps_per_epoch (optim.learning_rate_schedule);
+    # the last update is t = num_epochs * steps_per_epoch - 1, so e >= num_epochs never decays.
+    late = tuple(e for e in c.lr_decay_epochs if e >= c.num_epochs)
+    if late:
+        warnings.append(
+            f"lr_decay_epochs {tuple(c.lr_decay_epochs)}: the decays at epochs {late} never "
+            f"happen in a run of num_epochs={c.num_epochs}: drop them, or extend the run later "
+            "with --config.num_epochs and --config.resume_allow_changes=num_epochs")
+    return warnings
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-    """Raise ConfigError listing every problem of `config` on `num_devices` devices."""
+    """Raise ConfigError listing every problem of `config` on `num_devices` devices; log a
+    warning for each legal but suspicious setting of a valid config."""
     problems = _recipe_problems(config) + _layout_problems(config, num_devices)
     if len(problems) == 1:
         raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    for warning in _warnings(config):
+        logging.warning("config: %s", warning)

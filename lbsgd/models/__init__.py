@@ -25,6 +25,12 @@ _BUILDERS: dict[str, Callable[..., ResNet]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
+def min_image_size(name: str) -> int:
+    """The smallest image side model `name` is meant for: its total stride
+    (`resnet.total_stride`: 32 for the ImageNet ResNets, 4 for the CIFAR ones)."""
+    return _BUILDERS[name].total_stride
+
+
 def grouped_norm(*, group_size: int, num_groups: int = 1, momentum: float = 0.9,
                  dtype=jnp.float32) -> Callable[..., GroupedBatchNorm]:
     """The paper's BatchNorm as a factory: statistics per worker of `group_size` images
@@ -49,4 +55,4 @@ def create_model(name: str, *, num_classes: int, in_channels: int = 3,
 
 
 __all__ = ["MODEL_NAMES", "GroupedBatchNorm", "ResNet", "create_model", "grouped_moments",
-           "grouped_norm"]
+           "grouped_norm", "min_image_size"]

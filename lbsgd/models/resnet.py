@@ -29,6 +29,12 @@ CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # Sec. 5.1: the final fully-connected layer is drawn from N(0, 0.01^2).
 FC_INIT = jax.nn.initializers.normal(stddev=0.01)
 
+# Every stride of the network, read by ResNet and by `total_stride` alike. A stem is
+# (conv kernel, conv stride, 3x3 max-pool stride; 1: no max pool); every stage after the
+# first opens with a block of stride STAGE_STRIDE.
+STEMS = {"imagenet": (7, 2, 2), "cifar": (3, 1, 1)}
+STAGE_STRIDE = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class _Layers:
@@ -135,13 +141,11 @@ class ResNet(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
     ):
-        if stem not in ("imagenet", "cifar"):
+        if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; expected 'imagenet' or 'cifar'")
         layers = _Layers(norm, jnp.dtype(dtype), rngs)
         self.dtype = jnp.dtype(dtype)
-        self.max_pool = stem == "imagenet"
-        stem_kernel = 7 if self.max_pool else 3
-        stem_stride = 2 if self.max_pool else 1
+        stem_kernel, stem_stride, self.pool_stride = STEMS[stem]
         self.stem_conv = layers.conv(in_channels, widths[0], stem_kernel, stem_stride)
         self.stem_bn = layers.bn(widths[0])
 
@@ -149,7 +153,7 @@ class ResNet(nnx.Module):
         cin = widths[0]
         for i, (size, width) in enumerate(zip(stage_sizes, widths, strict=True)):
             for j in range(size):
-                stride = 2 if i > 0 and j == 0 else 1
+                stride = STAGE_STRIDE if i > 0 and j == 0 else 1
                 blocks.append(block(cin, width, stride, layers))
                 cin = width * block.expansion
         self.blocks = nnx.List(blocks)
@@ -167,13 +171,22 @@ class ResNet(nnx.Module):
         """x: [B, H, W, in_channels] -> float32 logits [B, num_classes]."""
         x = x.astype(self.dtype)
         x = nnx.relu(self.stem_bn(self.stem_conv(x), train=train))
-        if self.max_pool:
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.pool_stride > 1:
+            x = nnx.max_pool(x, (3, 3), strides=(self.pool_stride,) * 2, padding=((1, 1), (1, 1)))
         for block in self.blocks:
             x = block(x, train=train)
         # Average in float32 so a bf16 model does not lose precision over H*W values.
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         return self.fc(x).astype(jnp.float32)
+
+
+def total_stride(stem: str, num_stages: int) -> int:
+    """How many times the network shrinks each side of its input: the stem's conv and max
+    pool, then the stride-2 block opening each stage after the first (32 for the ImageNet
+    ResNets, 4 for the CIFAR ones). It is the smallest sensible image side: below it, the
+    last stride-2 layers have nothing left to downsample (their input is already 1x1)."""
+    _, conv_stride, pool_stride = STEMS[stem]
+    return conv_stride * pool_stride * STAGE_STRIDE ** (num_stages - 1)
 
 
 IMAGENET_WIDTHS = (64, 128, 256, 512)
@@ -184,16 +197,18 @@ def _imagenet(block, stage_sizes):
     def build(**kwargs) -> ResNet:
         return ResNet(block, stage_sizes, IMAGENET_WIDTHS, stem="imagenet", **kwargs)
 
+    build.total_stride = total_stride("imagenet", len(stage_sizes))
     return build
 
 
 def _cifar(blocks_per_stage: int):
     """6n+2 layers: n basic blocks in each of 3 stages (He et al. 2016, Sec. 4.2)."""
+    stages = (blocks_per_stage,) * 3
 
     def build(**kwargs) -> ResNet:
-        stages = (blocks_per_stage,) * 3
         return ResNet(BasicBlock, stages, CIFAR_WIDTHS, stem="cifar", **kwargs)
 
+    build.total_stride = total_stride("cifar", len(stages))
     return build
 
 
