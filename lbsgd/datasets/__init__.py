@@ -85,7 +85,7 @@ def _check_image_sizes(config: ml_collections.ConfigDict, smallest: dict) -> Non
                 f"{config.dataset}: {split}/{image['file']} is {image['width']}x"
                 f"{image['height']} pixels, smaller than image_size {config.image_size}: set "
                 f"--config.image_size={side} or less, or replace the images smaller than "
-                f"{config.image_size} pixels (and delete the prepared dataset)")
+                f"{config.image_size} pixels (the changed folder is prepared again by itself)")
 
 
 def _folder(config: ml_collections.ConfigDict) -> Dataset:

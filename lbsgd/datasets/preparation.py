@@ -1,9 +1,24 @@
-"""What every dataset's one-time TFDS preparation shares: offline options, the command, and
-the rule that only a one-process run prepares on first use."""
+"""What every dataset's one-time TFDS preparation shares: offline options, the command, the
+rule that only a one-process run prepares on first use, and the lock that lets one of several
+processes prepare while the others wait."""
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from lbsgd.errors import DataError
+
+# TFDS writes a preparation into DIR/incomplete.XXXXXX_VERSION and renames it when it is done
+# (tfds.core.constants.INCOMPLETE_PREFIX); a killed preparation leaves it behind.
+INCOMPLETE = "incomplete.*"
 
 
 def prepare_config(**kwargs) -> tfds.download.DownloadConfig:
@@ -24,3 +39,44 @@ def check_one_process(dataset: str, data_dir: str, multi_process: bool) -> None:
     if multi_process:
         raise DataError(f"{dataset} is not prepared in {data_dir}: prepare it once before a "
                         f"multi-process run with\n    {prepare_command(dataset, data_dir)}")
+
+
+@contextlib.contextmanager
+def preparation_lock(data_dir: str, name: str) -> Iterator[None]:
+    """Held while preparing builder `name`: DATA_DIR/NAME.lock, next to DATA_DIR/NAME/.
+
+    Two runs that prepare the same dataset at once would both write it, and the second to
+    finish crashes renaming its copy onto the first one's: here the second waits, then finds
+    the dataset prepared. The lock belongs to the open file, so the kernel releases it when
+    its process dies, even by kill -9; the file stays, harmlessly (removing it would let a
+    third process lock a new file while the second still holds the old one).
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, f"{name}.lock")
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "holder unknown"
+            logging.info("Waiting for another process to finish preparing %s (%s, lock %s)",
+                         name, holder, path)
+            fcntl.flock(file, fcntl.LOCK_EX)
+        file.seek(0)
+        file.truncate()
+        file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+        yield  # closing the file releases the lock
+
+
+def remove_incomplete(builder_dir: Path) -> None:
+    """Remove the temporary directories of killed preparations under DATA_DIR/NAME (at the
+    builder's and at its configs' level). Only under `preparation_lock`: there, no other
+    process is preparing, so every such directory is stale."""
+    stale = [*builder_dir.glob(INCOMPLETE), *builder_dir.glob(f"*/{INCOMPLETE}")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        logging.info("Removed %d unfinished preparation(s) left by killed processes: %s",
+                     len(stale), ", ".join(map(str, stale)))

@@ -99,7 +99,8 @@ class RecordSource:
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 raise DataError(
                     f"{self.name} image {index} {_file_name(record)!r} cannot be decoded ({e}): "
-                    "replace it and prepare the dataset again (delete its prepared directory)"
+                    "replace it (a folder: dataset is prepared again once its files change; "
+                    "another dataset: delete its prepared directory to prepare it again)"
                 ) from e
             images[row], labels[row] = pixels, record["label"]
 
