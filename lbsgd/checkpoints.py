@@ -8,6 +8,9 @@ with TensorStore and metadata as JSON: nothing is unpickled, so a checkpoint fro
 source cannot run code.
 """
 
+import contextlib
+import errno
+import glob
 import json
 import os
 import signal
@@ -52,6 +55,15 @@ def _shapes(tree) -> list[str]:
     return sorted(f"{tuple(x.shape)}:{x.dtype}" for x in leaves)
 
 
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether `error` or one it was raised from is ENOSPC (TensorStore words it its own way)."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int):
@@ -61,98 +73,161 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=True,
                 cleanup_tmp_directories=True),  # a save cut short leaves only a tmp dir
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "config": ocp.JsonCheckpointHandler()})
+            item_handlers={
+                # OCDBT finds its per-process files with a glob of the directory's path, which
+                # fails silently on a path holding [ ] * ? (etils joins it unescaped); such a
+                # workdir gets one plain zarr directory per array instead.
+                "state": ocp.StandardCheckpointHandler(
+                    use_ocdbt=not glob.has_magic(self.directory)),
+                "config": ocp.JsonCheckpointHandler(), "run": ocp.JsonCheckpointHandler()})
+
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self, step: int):
+        try:
+            yield
+        except Exception as error:
+            if not _is_disk_full(error):
+                raise
+            raise CheckpointError(
+                f"the disk of {self.directory} is full: a checkpoint could not be saved (step "
+                f"{step} or the one before). Free space, then rerun the same command: it resumes "
+                "from the last complete checkpoint") from None
 
     def save(self, step: int, state, config: ml_collections.ConfigDict) -> None:
         """Start saving; returns once the arrays are copied off the device."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(_as_json(config))))
+        with self._disk_full_is_one_line(step):
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(_as_json(config)),
+                run=ocp.args.JsonSave({"num_devices": jax.device_count(),
+                                       "num_processes": jax.process_count()})))
 
     def restore_latest(self, state, config: ml_collections.ConfigDict):
         """The newest readable checkpoint in `state`'s structure and shardings, else `state`.
 
         The saved config is checked first: a resume that changes the experiment stops with a
-        message, and never touches the checkpoints. A damaged checkpoint (truncated,
-        half-written) is moved aside with a warning and the previous one is tried; if every
-        checkpoint is damaged the run stops rather than silently starting over.
+        message, and never touches the checkpoints. A checkpoint that fails to restore is
+        only called damaged once an older one restores with the same code: then the failure
+        was about its files, and it is moved aside with a warning. If none restores, nothing
+        is moved (the cause may be anything: the path, a library, the files) and the run stops
+        every time until the user decides; it never silently starts over.
         """
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        for step in steps:
+        failed = []  # (step, error), newest first
+        for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                saved_config = self.manager.restore(step, args=ocp.args.Composite(
-                    config=ocp.args.JsonRestore())).config
-                saved_shapes = _shapes(self.manager.item_metadata(step)["state"])
+                restored = self._restore(step, target, config)
+            except CheckpointError:
+                raise
             except Exception as error:  # orbax/TensorStore raise many kinds on bad bytes
-                self._set_aside(step, error)
+                failed.append((step, error))
                 continue
-            check_resume_config(saved_config, config, step)
-            if saved_shapes != _shapes(target):
-                raise CheckpointError(
-                    f"the checkpoint at step {step} holds arrays of other shapes than this "
-                    "run's state (an allowed change of global_batch_size or bn_group_size "
-                    "reshapes the per-worker BatchNorm statistics; or another lbsgd version): "
-                    "it cannot be resumed, use a new --workdir")
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target)))
-            except Exception as error:
-                self._set_aside(step, error)
-                continue
-            logging.info("resuming from the checkpoint at step %d", step)
-            return restored.state
-        if steps:
-            raise CheckpointError(f"every checkpoint in {self.directory} is damaged (steps "
-                              f"{steps}, now in {self.directory}-damaged); nothing to resume")
+            for bad_step, error in failed:
+                self._set_aside(bad_step, error)
+            return restored
+        if failed:
+            step, error = failed[0]
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be restored (steps "
+                f"{[s for s, _ in failed]}; step {step}: {type(error).__name__}: "
+                f"{' '.join(str(error).split())[:300]}). Nothing was changed. If they are "
+                f"damaged, move {self.directory} away to start this run from step 0")
         return state
+
+    def _restore(self, step: int, target, config: ml_collections.ConfigDict):
+        """Restore one step, after checking its config, its shapes and its step number."""
+        saved_config = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+        check_resume_config(saved_config, config, step)
+        if _shapes(self.manager.item_metadata(step)["state"]) != _shapes(target):
+            raise CheckpointError(
+                f"the checkpoint at step {step} holds arrays of other shapes than this "
+                "run's state (an allowed change of global_batch_size or bn_group_size "
+                "reshapes the per-worker BatchNorm statistics; or another lbsgd version): "
+                "it cannot be resumed, use a new --workdir")
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target))).state
+        if int(state.step) != step:
+            raise CheckpointError(
+                f"{self.directory}/{step} holds the state after step {int(state.step)}, not "
+                f"{step} (renamed?): give it back its name ({int(state.step)}) or move it out "
+                "of checkpoints/")
+        logging.info("resuming from the checkpoint at step %d", step)
+        self._log_device_change(step)
+        return state
+
+    def _log_device_change(self, step: int) -> None:
+        """Another device count trains the same function (virtual workers) up to float
+        rounding in the gradient sum's order: fine, but worth a line in the log."""
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(
+                run=ocp.args.JsonRestore())).run
+        except Exception:  # noqa: BLE001 - a checkpoint from before this record existed
+            return
+        if saved["num_devices"] != jax.device_count():
+            logging.info("the checkpoint was saved on %d devices, this run has %d: the same "
+                         "function continues, up to float rounding of the gradient sum",
+                         saved["num_devices"], jax.device_count())
 
     def _set_aside(self, step: int, error: Exception) -> None:
         """Move a damaged checkpoint out of orbax's way, so the step can be saved again."""
-        logging.warning("checkpoint at step %d is damaged (%s: %s); moving it to %s-damaged "
-                        "and trying the previous one", step, type(error).__name__,
-                        str(error)[:200], self.directory)
+        aside = f"{self.directory}-damaged"
+        logging.warning("checkpoint at step %d is damaged (%s: %s); moved it to %s",
+                        step, type(error).__name__, " ".join(str(error).split())[:200], aside)
         if jax.process_index() == 0:
-            aside = f"{self.directory}-damaged"
             os.makedirs(aside, exist_ok=True)
-            os.replace(os.path.join(self.directory, str(step)), os.path.join(aside, str(step)))
+            name, copy = str(step), 1
+            while os.path.exists(os.path.join(aside, name)):  # the same step damaged before
+                name, copy = f"{step}.{copy}", copy + 1
+            os.replace(os.path.join(self.directory, str(step)), os.path.join(aside, name))
         multihost_utils.sync_global_devices(f"lbsgd set aside checkpoint {step}")
         self.manager.reload()
 
     def close(self) -> None:
         """Wait for saves in flight, then release orbax's background threads."""
-        self.manager.wait_until_finished()
+        with self._disk_full_is_one_line(self.manager.latest_step() or 0):
+            self.manager.wait_until_finished()
         self.manager.close()
 
 
 class PreemptionWatch:
-    """SIGTERM (or a cluster's preemption notice): finish the step, save, exit cleanly.
+    """SIGTERM (a cluster's preemption notice) or Ctrl-C: finish the step, save, stop cleanly.
 
-    With several processes, JAX's preemption sync point makes them all stop at the same step
-    (it listens for the signal itself); a single process catches SIGTERM here. Use as a
-    context manager so the previous handler comes back afterwards.
+    A single process catches both here; a second Ctrl-C exits at once without saving (an
+    async save cut short leaves only a temporary directory). With several processes, JAX's
+    preemption sync point makes them all stop at the same step (it listens for SIGTERM
+    itself); Ctrl-C keeps Python's default there, since processes that each stopped at their
+    own step would wait for each other forever. Use as a context manager so the previous
+    handlers come back afterwards.
     """
 
     def __init__(self):
-        self.received = False
+        self.signal = None  # the first signal received
         self.multiprocess = jax.process_count() > 1
-        self.previous_handler = None
+        self.previous_handlers = {}
 
     def __enter__(self) -> "PreemptionWatch":
-        if not self.multiprocess:
-            self.previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        watched = () if self.multiprocess else (signal.SIGTERM, signal.SIGINT)
+        self.previous_handlers = {s: signal.signal(s, self._on_signal) for s in watched}
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGTERM, self.previous_handler)
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        logging.warning("received signal %d: stopping after this step", signum)
-        self.received = True
+        if self.signal is not None and signum == signal.SIGINT:
+            os.write(2, b"lbsgd: second interrupt: exiting now, without saving\n")
+            os._exit(130)
+        logging.warning("received %s: stopping after this step (Ctrl-C again to exit at once)",
+                        signal.Signals(signum).name)
+        self.signal = signum
+
+    @property
+    def interrupted(self) -> bool:
+        return self.signal == signal.SIGINT
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after `step`; call it at every step on every process."""
         if self.multiprocess:
             return multihost_utils.reached_preemption_sync_point(step)
-        return self.received
+        return self.signal is not None

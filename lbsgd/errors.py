@@ -8,6 +8,8 @@ line (no traceback) before exiting non-zero; anything else is a bug and keeps it
 class LbsgdError(Exception):
     """Base of every error whose message tells the user what to do."""
 
+    exit_code = 1
+
 
 class ConfigError(LbsgdError):
     """A config that cannot run; the message lists every problem found, each with its fix."""
@@ -23,3 +25,13 @@ class CheckpointError(LbsgdError):
 
 class DivergenceError(LbsgdError):
     """A non-finite loss or gradient: the run stops before anything of it is saved."""
+
+
+class WorkdirError(LbsgdError):
+    """A workdir that cannot take this run: in use by another run, a file, not writable."""
+
+
+class Interrupted(LbsgdError):
+    """Ctrl-C: the step finished and was saved; exits 130 like any interrupted command."""
+
+    exit_code = 130

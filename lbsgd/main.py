@@ -8,6 +8,7 @@ with one `lbsgd: ...` line and a non-zero exit code, never a traceback (lbsgd/er
 import logging as logging_std
 import os
 import re
+import sys
 
 # TensorFlow's C++ start-up INFO lines are not ours to show; set before anything imports TF.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -77,11 +78,15 @@ def _initialize_distributed(jax) -> None:
 
 class _OwnInfoOnly(logging_std.Filter):
     """Keep the console to lbsgd's progress lines: libraries' INFO (orbax logs every save,
-    JAX its backend search, TFDS its preparation) only at WARNING and above."""
+    JAX its backend search, TFDS its preparation) only at WARNING and above, and without the
+    traceback a library logs from its own thread (orbax's failed async save): the same error
+    reaches lbsgd's thread too, where it becomes one line or, if it is a bug, a traceback."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
-        return (record.levelno >= logging_std.WARNING
-                or record.pathname.startswith(_PACKAGE_DIR + os.sep))
+        if record.pathname.startswith(_PACKAGE_DIR + os.sep):
+            return True
+        record.exc_info, record.exc_text = None, None
+        return record.levelno >= logging_std.WARNING
 
 
 def main(argv):
@@ -102,7 +107,8 @@ def main(argv):
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except LbsgdError as e:
         # Expected failures get their message, not a stack trace.
-        raise SystemExit(f"lbsgd: {e}") from None
+        print(f"lbsgd: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
 
 
 if __name__ == "__main__":

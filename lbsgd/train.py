@@ -23,8 +23,9 @@ from jax.sharding import Mesh, PartitionSpec
 
 from lbsgd import checkpoints, input_pipeline, models, optim, parallel
 from lbsgd import config as config_lib
+from lbsgd import workdir as workdir_lib
 from lbsgd.datasets import Dataset, load_dataset
-from lbsgd.errors import DivergenceError
+from lbsgd.errors import DivergenceError, Interrupted
 from lbsgd.metrics import MetricsLogger
 
 
@@ -254,7 +255,15 @@ def _read_step(step: int, metrics: dict) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train, resuming from the latest checkpoint in `workdir`, evaluating every epoch.
+    """Train, resuming from the latest checkpoint in `workdir`, evaluating every epoch; the
+    workdir is checked and locked first, so two runs can never share it (lbsgd/workdir.py)."""
+    workdir_lib.check_paths(workdir, config.data_dir)
+    with workdir_lib.WorkdirLock(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """The loop.
 
     Every step's metrics are read one step late, after the next step is dispatched, so the
     device never waits for the host; they are checked for divergence at every step, and a
@@ -264,6 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ex = setup(config)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     state = ckpt.restore_latest(ex.init_state(), config)
+    workdir_lib.warn_if_short_of_space(workdir, state)
     start_step, total_steps, steps_per_epoch = int(state.step), ex.total_steps, ex.steps_per_epoch
     logger = MetricsLogger(workdir, config, total_steps=total_steps,
                            steps_per_epoch=steps_per_epoch, start_step=start_step)
@@ -301,6 +311,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     logger.write_eval(step, evaluate(ex, state))
                 if save_now:
                     ckpt.save(step, state, config)
+                if preempted and preemption.interrupted:
+                    raise Interrupted(f"interrupted: saved the checkpoint at step {step}; "
+                                      "rerun the same command to resume")
                 if preempted:
                     logging.warning("preempted: saved the checkpoint at step %d; rerun the "
                                     "same command to resume", step)

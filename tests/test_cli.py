@@ -79,6 +79,8 @@ USER_MISTAKES = {
     "missing config file": (("--config=configs/nope.py",), "--config=configs/nope.py: no such "
                             "file"),
     "unparsable value": (("--config.seed=abc",), "flag --config.seed=abc: invalid literal"),
+    "data_dir that is a file": (("--config.data_dir=README.md",),
+                                "lbsgd: --config.data_dir README.md is a file, not a directory"),
 }
 
 

@@ -6,9 +6,11 @@ Every case starts the real command in real processes and delivers real signals.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +83,7 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_rows(tmp_path,
         process.kill()
         process.wait()
         assert len(_readable_rows(workdir)) < len(reference)
+    assert (workdir / "lbsgd.lock").exists()  # left by the killed run: it must not block
     result = run_lbsgd(workdir, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from the checkpoint at step" in result.stderr
@@ -141,11 +144,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     for path in (tmp_path / "checkpoints" / "12").rglob("*"):
         if path.is_file() and (damage == "everything" or "/d/" in str(path)):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (tmp_path / "checkpoints-damaged" / "12").mkdir(parents=True)  # step 12 damaged before
     result = run_lbsgd(tmp_path, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoint at step 12 is damaged" in result.stderr
     assert "resuming from the checkpoint at step 10" in result.stderr
-    assert (tmp_path / "checkpoints-damaged" / "12").is_dir()
+    assert (tmp_path / "checkpoints-damaged" / "12.1").is_dir()
     assert _trajectory(metrics_rows(tmp_path)) == reference
 
 
@@ -184,3 +188,120 @@ def test_two_processes_train_like_one_and_resume_exactly_after_both_are_killed(
     processes = _two_processes(killed)
     assert [p.wait(timeout=300) for p in processes] == [0, 0]
     assert _trajectory(metrics_rows(killed)) == rows  # bit-identical to the uninterrupted run
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_is_untouched(tmp_path,
+                                                                                reference):
+    workdir = tmp_path / "run"
+    first = _start(workdir)
+    _wait_for_rows(workdir, 3, [first])
+    second = run_lbsgd(workdir, *RUN, "--config.seed=1")
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert re.search(rf"lbsgd: {re.escape(str(workdir))} is in use by another lbsgd run "
+                     rf"\(host {re.escape(socket.gethostname())}, pid {first.pid}, since ",
+                     second.stderr), second.stderr[-2000:]
+    assert first.wait(timeout=300) == 0
+    assert _trajectory(metrics_rows(workdir)) == reference  # one run's rows, once each
+
+
+def test_ctrl_c_saves_and_exits_130_and_a_glob_path_resumes(tmp_path, reference):
+    workdir = tmp_path / "lr[0.1]"  # glob characters: orbax must still find its files
+    process = _start(workdir)
+    _wait_for_rows(workdir, 8, [process])
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    log = next(tmp_path.glob("lr*.log")).read_text()
+    assert "Traceback" not in log
+    saved = int(re.search(r"lbsgd: interrupted: saved the checkpoint at step (\d+); rerun the "
+                          r"same command to resume", log).group(1))
+    assert _checkpoint_steps(workdir)[-1] == saved and metrics_rows(workdir)[-1]["step"] == saved
+
+    result = run_lbsgd(workdir, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from the checkpoint at step {saved}" in result.stderr
+    assert "damaged" not in result.stderr
+    assert _trajectory(metrics_rows(workdir)) == reference
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    """The watch of the train loop, in a process that interrupts itself twice: Python runs
+    one handler call per delivered signal only when the first was handled, so the signals
+    are sent one after the other, as a user's two key presses are."""
+    script = ("import os, signal, sys, time\n"
+              "from lbsgd.checkpoints import PreemptionWatch\n"
+              "with PreemptionWatch() as watch:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(0.5)\n"
+              "    print('first:', watch.reached(1), watch.interrupted, flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(5)\n"
+              "print('not reached')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 130
+    assert result.stdout == "first: True True\n"
+    assert "lbsgd: second interrupt: exiting now, without saving" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """A finished 6-step run (checkpoints 5 and 6), to copy and break."""
+    workdir = tmp_path_factory.mktemp("six") / "run"
+    result = run_lbsgd(workdir, *RUN, "--config.max_steps=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _checkpoint_steps(workdir) == [5, 6]
+    return workdir
+
+
+def test_when_no_checkpoint_restores_every_rerun_stops_and_nothing_moves(tmp_path, six_steps):
+    workdir = tmp_path / "run"
+    shutil.copytree(six_steps, workdir)
+    for path in (workdir / "checkpoints").rglob("*"):
+        if path.is_file() and "/state/" in str(path):
+            path.write_bytes(b"")
+    for _ in range(2):  # the second rerun must stop too, not start over from step 0
+        result = run_lbsgd(workdir, *RUN, "--config.max_steps=8")
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert re.search(r"lbsgd: no checkpoint in \S+ can be restored \(steps \[6, 5\]; .*"
+                         r"Nothing was changed. If they are damaged, move \S+ away",
+                         result.stderr), result.stderr[-2000:]
+        assert _checkpoint_steps(workdir) == [5, 6]
+        assert not (tmp_path / "run" / "checkpoints-damaged").exists()
+        assert metrics_rows(workdir)[-1]["step"] == 6
+
+
+def test_a_checkpoint_renamed_to_another_step_is_refused(tmp_path, six_steps):
+    workdir = tmp_path / "run"
+    shutil.copytree(six_steps, workdir)
+    (workdir / "checkpoints" / "6").rename(workdir / "checkpoints" / "100")
+    result = run_lbsgd(workdir, *RUN, "--config.max_steps=8")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "checkpoints/100 holds the state after step 6, not 100 (renamed?)" in result.stderr
+    assert _checkpoint_steps(workdir) == [5, 100]
+
+
+def _mount_tmpfs(path, size):
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+
+
+def test_disk_full_stops_in_one_line_and_the_rerun_after_freeing_space_is_exact(tmp_path,
+                                                                                reference):
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "2m")
+    try:
+        workdir = disk / "run"
+        result = run_lbsgd(workdir, *RUN)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert re.search(r"lbsgd: the disk of \S+ is full: a checkpoint could not be saved",
+                         result.stderr), result.stderr[-3000:]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        result = run_lbsgd(workdir, *RUN)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _trajectory(metrics_rows(workdir)) == reference
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
