@@ -66,12 +66,17 @@ def experiment(args) -> tuple[train.Experiment, dict]:
         sys.exit(f"--devices {count}: this host has {len(devices)} devices (on CPU, simulate "
                  "more with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     mesh = parallel.make_mesh(devices[:count])
-    config, kn = default_config(), args.per_device_batch * mesh.size
+    ex = train.setup(step_config(args, mesh.size), mesh)
+    return ex, next(ex.train_batches())
+
+
+def step_config(args, num_devices: int):
+    """The paper's recipe (lbsgd.config) for the step `args` choose, on synthetic data."""
+    config, kn = default_config(), args.per_device_batch * num_devices
     config.update(model=args.model, image_size=args.image_size, dtype=args.dtype,
                   bn_group_size=args.bn_group_size, num_classes=args.num_classes,
                   dataset="synthetic", global_batch_size=kn, eval_batch_size=kn)
-    ex = train.setup(config, mesh)
-    return ex, next(ex.train_batches())
+    return config
 
 
 def write_photo_folder(root, *, classes: int, per_class: dict[str, int], sizes, seed: int = 0):

@@ -1,0 +1,80 @@
+"""The GPU program of the real train step, compiled without a GPU ("deviceless").
+
+Why: a GPU compiler makes choices a CPU program cannot show: whether the gradients are
+all-reduced in float32 or after a conversion to bf16, whether every convolution runs in cuDNN,
+how many kernels a step launches and what they move. XLA's GPU compiler needs only a device
+description (`gpu_targets/*.txtpb`) to compile, so these are checked and measured on any
+machine that has JAX's CUDA plugin installed (`jax-cuda12-plugin`, `jax-cuda12-pjrt`), GPU or
+not. Deviceless compiles skip autotuning: the algorithm of each cuDNN call (and whether a GEMM
+stays a Triton kernel) is not final; the dtypes and what is reduced between devices are.
+
+The plugin must be registered when JAX starts its backends: it is where JAX_PLATFORMS is
+`cpu` (as in the tests and benchmarks/comm.py), where JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1, or
+where CUDA's libraries are installed; elsewhere it refuses to register for want of them.
+Nothing here imports the plugin; this module imports on a CPU-only install too.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.experimental import topologies
+from jax.sharding import Mesh
+
+from lbsgd import hlo, parallel, train
+
+TARGETS_DIR = Path(__file__).parent / "gpu_targets"
+TARGETS = {"h100": ("h100_sxm.txtpb", "H100")}  # name -> (device description, label)
+
+
+def plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin is installed (found, not imported)."""
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
+def gpu_mesh(target: str = "h100", devices: int = 8) -> Mesh:
+    """lbsgd's 1-D mesh over `devices` GPUs of one host, described by `target`."""
+    description = (TARGETS_DIR / TARGETS[target][0]).read_text()
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=description,
+                                                topology=f"1x1x{devices}")
+    except Exception as error:  # noqa: BLE001 - JAX raises several kinds here
+        raise RuntimeError(
+            f"cannot compile for a GPU without one: {error}. Install jax-cuda12-plugin and "
+            "jax-cuda12-pjrt of the installed jax's version, and start JAX with "
+            "JAX_PLATFORMS=cpu or JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 (or with CUDA's libraries "
+            "installed) so that the plugin registers") from error
+    return parallel.make_mesh(topology.devices)
+
+
+def abstract_batch(ex: train.Experiment) -> dict:
+    """One global training batch as the loop feeds it, shapes and shardings only."""
+    kn, sharding = ex.config.global_batch_size, parallel.batch_sharding(ex.mesh)
+    return {"image": jax.ShapeDtypeStruct((kn, *ex.dataset.image_shape), jnp.uint8,
+                                          sharding=sharding),
+            "label": jax.ShapeDtypeStruct((kn,), jnp.int32, sharding=sharding)}
+
+
+def compile_for_gpu(step, *args):
+    """A jitted function compiled for CUDA on abstract arguments: what runs on the GPUs."""
+    return step.trace(*args).lower(lowering_platforms=("cuda",)).compile()
+
+
+def compile_train_step(config: ml_collections.ConfigDict, *, target: str = "h100",
+                       devices: int = 8):
+    """(experiment, its abstract state, compiled train step) of `config` on `devices` GPUs."""
+    ex = train.setup(config, gpu_mesh(target, devices))
+    state = jax.eval_shape(ex.init_state)  # shapes and shardings: all a compile needs
+    return ex, state, compile_for_gpu(ex.train_step, state, abstract_batch(ex))
+
+
+def summarize(compiled, params, per_device_batch: int) -> dict:
+    """hlo.summarize of a compiled program, with XLA's temporary buffer bytes per device."""
+    memory = compiled.memory_analysis()
+    return {**hlo.summarize(compiled.as_text(), params, per_device_batch),
+            "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes)}
