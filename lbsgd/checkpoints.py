@@ -6,12 +6,17 @@ The input position is the step itself (input_pipeline.train_batches) and the tra
 no randomness, so restoring the state restores the trajectory exactly. Orbax stores arrays
 with TensorStore and metadata as JSON: nothing is unpickled, so a checkpoint from an untrusted
 source cannot run code.
+
+Two folders of the workdir hold checkpoints: `checkpoints/` the last `keep_checkpoints` (what a
+rerun resumes from), `checkpoints-best/` the one whose evaluation had the best top-1 so far
+(`BestCheckpoint`), kept apart so that the latest ones never push it out.
 """
 
 import contextlib
 import errno
 import glob
 import json
+import math
 import os
 import signal
 import types
@@ -64,22 +69,34 @@ def _is_disk_full(error: BaseException) -> bool:
     return False
 
 
+LATEST_DIRECTORY = "checkpoints"
+BEST_DIRECTORY = "checkpoints-best"
+
+
 class Checkpointer:
 
-    def __init__(self, workdir: str, *, keep: int):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    def __init__(self, workdir: str, *, keep: int | None, name: str = LATEST_DIRECTORY,
+                 read_only: bool = False):
+        """The checkpoints in `workdir`/`name`. `read_only` opens them to read while a run
+        may be writing them (evaluation, export): nothing is created, and the temporary
+        directory of a save in progress is left alone."""
+        self.directory = os.path.join(os.path.abspath(workdir), name)
+        self.is_latest = name == LATEST_DIRECTORY  # the log says which folder saved
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=True,
-                cleanup_tmp_directories=True),  # a save cut short leaves only a tmp dir
+                max_to_keep=keep, create=not read_only, read_only=read_only,
+                enable_async_checkpointing=not read_only,
+                # A save cut short leaves only a tmp dir; a run removes them at start-up.
+                cleanup_tmp_directories=not read_only),
             item_handlers={
                 # OCDBT finds its per-process files with a glob of the directory's path, which
                 # fails silently on a path holding [ ] * ? (etils joins it unescaped); such a
                 # workdir gets one plain zarr directory per array instead.
                 "state": ocp.StandardCheckpointHandler(
                     use_ocdbt=not glob.has_magic(self.directory)),
-                "config": ocp.JsonCheckpointHandler(), "run": ocp.JsonCheckpointHandler()})
+                "config": ocp.JsonCheckpointHandler(), "run": ocp.JsonCheckpointHandler(),
+                "eval": ocp.JsonCheckpointHandler()})
 
     @contextlib.contextmanager
     def _disk_full_is_one_line(self, step: int):
@@ -93,13 +110,39 @@ class Checkpointer:
                 f"{step} or the one before). Free space, then rerun the same command: it resumes "
                 "from the last complete checkpoint") from None
 
-    def save(self, step: int, state, config: ml_collections.ConfigDict) -> None:
-        """Start saving; returns once the arrays are copied off the device."""
+    def save(self, step: int, state, config: ml_collections.ConfigDict,
+             evaluation: dict | None = None) -> None:
+        """Start saving, with the step's `evaluation` if given; returns once the arrays are
+        copied off the device (the files are written in the background)."""
+        items = {"state": ocp.args.StandardSave(state),
+                 "config": ocp.args.JsonSave(_as_json(config)),
+                 "run": ocp.args.JsonSave({"num_devices": jax.device_count(),
+                                           "num_processes": jax.process_count()})}
+        if evaluation is not None:
+            items["eval"] = ocp.args.JsonSave(evaluation)
         with self._disk_full_is_one_line(step):
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(_as_json(config)),
-                run=ocp.args.JsonSave({"num_devices": jax.device_count(),
-                                       "num_processes": jax.process_count()})))
+            self.manager.save(step, args=ocp.args.Composite(**items))
+        if self.is_latest:
+            logging.info("checkpoint at step %d saved (latest)", step)
+
+    def steps(self) -> list[int]:
+        """The steps of the complete checkpoints, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def saved_config(self, step: int) -> dict:
+        """The config (as JSON) that trained the checkpoint at `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+
+    def saved_evaluation(self, step: int) -> dict:
+        """The evaluation saved with the checkpoint at `step` (best checkpoints have one)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            eval=ocp.args.JsonRestore())).eval
+
+    def wait(self) -> None:
+        """Until the saves in flight are complete on disk."""
+        with self._disk_full_is_one_line(self.manager.latest_step() or 0):
+            self.manager.wait_until_finished()
 
     def restore_latest(self, state, config: ml_collections.ConfigDict):
         """The newest readable checkpoint in `state`'s structure and shardings, else `state`.
@@ -134,25 +177,35 @@ class Checkpointer:
         return state
 
     def _restore(self, step: int, target, config: ml_collections.ConfigDict):
-        """Restore one step, after checking its config, its shapes and its step number."""
-        saved_config = self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore())).config
-        check_resume_config(saved_config, config, step)
+        """Resume from one step, after checking its config, its shapes and its step number."""
+        check_resume_config(self.saved_config(step), config, step)
+        self._check_shapes(step, target, "(an allowed change of global_batch_size or "
+                           "bn_group_size reshapes the per-worker BatchNorm statistics; or "
+                           "another lbsgd version): it cannot be resumed, use a new --workdir")
+        state = self.restore_step(step, target)
+        logging.info("resuming from the checkpoint at step %d", step)
+        self._log_device_change(step)
+        return state
+
+    def _check_shapes(self, step: int, target, why: str) -> None:
         if _shapes(self.manager.item_metadata(step)["state"]) != _shapes(target):
-            raise CheckpointError(
-                f"the checkpoint at step {step} holds arrays of other shapes than this "
-                "run's state (an allowed change of global_batch_size or bn_group_size "
-                "reshapes the per-worker BatchNorm statistics; or another lbsgd version): "
-                "it cannot be resumed, use a new --workdir")
+            raise CheckpointError(f"the checkpoint at step {step} holds arrays of other shapes "
+                                  f"than this run's state {why}")
+
+    def restore_step(self, step: int, target,
+                     why: str = "(written by another lbsgd version?): read it with that version"):
+        """The state saved at `step`, in `target`'s structure and shardings, WITHOUT the resume
+        check of its config: for reading a checkpoint with another dataset or data dir
+        (evaluation, export), never for resuming a run (restore_latest). `why` ends the
+        message if the shapes differ."""
+        self._check_shapes(step, target, why)
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
         if int(state.step) != step:
             raise CheckpointError(
                 f"{self.directory}/{step} holds the state after step {int(state.step)}, not "
                 f"{step} (renamed?): give it back its name ({int(state.step)}) or move it out "
-                "of checkpoints/")
-        logging.info("resuming from the checkpoint at step %d", step)
-        self._log_device_change(step)
+                f"of {os.path.basename(self.directory)}/")
         return state
 
     def _log_device_change(self, step: int) -> None:
@@ -184,9 +237,54 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for saves in flight, then release orbax's background threads."""
-        with self._disk_full_is_one_line(self.manager.latest_step() or 0):
-            self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+class BestCheckpoint:
+    """The checkpoint of the best evaluation so far by top-1, in `checkpoints-best/`.
+
+    It is saved only when an evaluation beats the best so far (strictly: a tie keeps the
+    earlier step), with that evaluation, which is where a resumed run reads the best so far
+    back from. Orbax keeps one: the older is deleted only once the newer is complete. A best
+    checkpoint is saved only after the latest checkpoint of its step is complete, so it is
+    never from a step the rerun after a crash would train again.
+    """
+
+    def __init__(self, workdir: str):
+        self.checkpointer = Checkpointer(workdir, keep=1, name=BEST_DIRECTORY)
+        self.step, self.top1 = self._read_best()
+
+    def _read_best(self) -> tuple[int | None, float]:
+        steps = self.checkpointer.steps()
+        if not steps:
+            return None, -math.inf
+        try:
+            return steps[-1], float(self.checkpointer.saved_evaluation(steps[-1])["eval_top1"])
+        except Exception as error:  # noqa: BLE001 - damaged: the next best replaces it
+            logging.warning("%s/%d: its evaluation cannot be read (%s: %s); the next "
+                            "evaluation replaces it", self.checkpointer.directory, steps[-1],
+                            type(error).__name__, " ".join(str(error).split())[:200])
+            return None, -math.inf
+
+    def offer(self, step: int, state, config: ml_collections.ConfigDict,
+              evaluation: dict[str, float], *, latest: Checkpointer) -> None:
+        """Save `state` as the best if `evaluation` beats the best so far; `latest` must have
+        started the save of the same step."""
+        if not evaluation["eval_top1"] > self.top1:
+            return
+        latest.wait()
+        if self.step is not None and self.step > step:
+            # A best from steps this run trains again (it resumed from an older checkpoint
+            # when the newer was damaged), now beaten: orbax would keep the higher step.
+            self.checkpointer.manager.delete(self.step)
+        self.checkpointer.save(step, state, config, evaluation=evaluation)
+        self.step, self.top1 = step, evaluation["eval_top1"]
+        logging.info("new best eval top-1 %.4f at step %d: saved to %s/", self.top1, step,
+                     BEST_DIRECTORY)
+
+    def close(self) -> None:
+        self.checkpointer.close()
 
 
 class PreemptionWatch:

@@ -14,9 +14,13 @@ read stops the run, before anything is rewritten, naming the file and the fix.
 
 import json
 import os
+import platform
 import shutil
 import struct
+import subprocess
+import sys
 import time
+from importlib import metadata
 
 import jax
 import ml_collections
@@ -27,7 +31,7 @@ from clu import metric_writers
 from lbsgd.errors import DataError
 
 
-def _format_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
@@ -177,6 +181,47 @@ def replace_event_files(paths: list[str], records: list[bytes]) -> None:
         os.remove(path)
 
 
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the git checkout holding the lbsgd package ("+dirty" if it has local
+    changes), or None if it is not in one (an installed wheel) or git is missing."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir,
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=package_dir, capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict:
+    """What produced a run (written to run.json, apart from config.json, whose comparison on
+    resume it must not affect)."""
+    devices = jax.devices()
+    return {
+        "lbsgd_version": _version("lbsgd"),
+        "git_commit": _git_commit(),
+        "versions": {name: _version(name) for name in
+                     ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")},
+        "python": platform.python_version(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "process_count": jax.process_count(),
+        "argv": list(sys.argv),
+        "started": round(time.time(), 3),
+    }
+
+
 class MetricsLogger:
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, total_steps: int,
@@ -186,6 +231,9 @@ class MetricsLogger:
         self.global_batch_size = config.global_batch_size
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.last_step, self.last_time = start_step, time.perf_counter()
+        # Train steps only (compilation and evaluation excluded): the ETA and the run's mean
+        # throughput.
+        self.train_seconds, self.train_steps = 0.0, 0
         if self.is_chief:
             os.makedirs(workdir, exist_ok=True)
             # Both are read and checked before either is rewritten: a refusal touches nothing.
@@ -197,6 +245,8 @@ class MetricsLogger:
                 replace_event_files(*events)
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+            with open(os.path.join(workdir, "run.json"), "w") as f:
+                json.dump(provenance(), f, indent=2, sort_keys=True)
         # TensorBoard events from process 0 only; the console line below is our own. Created
         # after the clean-up above: the writer opens a new event file, which must not be
         # taken for an old one. Synchronous: _write flushes every row anyway.
@@ -212,15 +262,30 @@ class MetricsLogger:
         # checkpoint is saved: a kill after the save must not lose events the resume keeps.
         self.writer.flush()
 
+    def restart_clock(self, step: int) -> None:
+        """Time spent since the last row is not training time (compilation, evaluation)."""
+        self.last_step, self.last_time = step, time.perf_counter()
+
+    @property
+    def mean_images_per_sec(self) -> float | None:
+        """Over the train steps timed so far (compilation and evaluation excluded)."""
+        if not self.train_seconds:
+            return None
+        return self.global_batch_size * self.train_steps / self.train_seconds
+
     def write_train(self, step: int, values: dict[str, float]) -> None:
-        """Log one step's metrics, with the throughput since the previous row and an ETA."""
+        """Log one row of train metrics, with the throughput since the previous row and an
+        ETA from the mean time of the train steps timed so far."""
         now = time.perf_counter()
-        seconds_per_step = (now - self.last_time) / max(step - self.last_step, 1)
+        steps = max(step - self.last_step, 1)
+        seconds_per_step = (now - self.last_time) / steps
+        self.train_seconds += now - self.last_time
+        self.train_steps += steps
         self.last_step, self.last_time = step, now
         row = {"step": step, "epoch": step / self.steps_per_epoch, **values,
                "images_per_sec": self.global_batch_size / seconds_per_step}
         self._write(row)
-        eta = _format_seconds((self.total_steps - step) * seconds_per_step)
+        eta = format_seconds((self.total_steps - step) * self.train_seconds / self.train_steps)
         logging.info("step %d/%d | epoch %.2f | loss %.4f | top1 %.3f | lr %.5f | %.0f img/s | "
                      "ETA %s", step, self.total_steps, row["epoch"], values["loss"],
                      values["train_top1"], values["lr"], row["images_per_sec"], eta)
@@ -230,7 +295,7 @@ class MetricsLogger:
         logging.info("eval at step %d | top1 %.4f | top5 %.4f | loss %.4f", step,
                      values["eval_top1"], values["eval_top5"], values["eval_loss"])
         # Evaluation time is not training time: restart the throughput clock.
-        self.last_step, self.last_time = step, time.perf_counter()
+        self.restart_clock(step)
 
     def close(self) -> None:
         self.writer.flush()

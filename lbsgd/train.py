@@ -6,9 +6,14 @@ the gradient all-reduce; BatchNorm stays local to each group (see models/norm.py
 only collective of the step is the one the paper has too.
 """
 
+import contextlib
 import dataclasses
 import functools
+import itertools
+import json
 import math
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +31,7 @@ from lbsgd import config as config_lib
 from lbsgd import workdir as workdir_lib
 from lbsgd.datasets import Dataset, load_dataset
 from lbsgd.errors import DivergenceError, Interrupted
-from lbsgd.metrics import MetricsLogger
+from lbsgd.metrics import MetricsLogger, format_seconds
 
 
 @flax.struct.dataclass
@@ -262,7 +267,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         return _train(config, workdir)
 
 
+EVAL_KEYS = ("eval_top1", "eval_top5", "eval_loss")
+
+
+def eval_row(workdir: str, step: int) -> dict[str, float] | None:
+    """The evaluation of `step` in the workdir's metrics.jsonl (whose rows MetricsLogger
+    checked as it opened the file), or None."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    found = [r for r in rows if r["step"] == step and "eval_top1" in r]
+    return {k: found[-1][k] for k in EVAL_KEYS} if found else None
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Set up, resume, then train the steps left (or finish a finished run)."""
+    started = time.perf_counter()
+    ex = setup(config)
+    with contextlib.ExitStack() as closing:  # closed in reverse, each even if one fails
+        ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+        # Whatever happened, saves already started complete.
+        closing.callback(ckpt.close)
+        state = ckpt.restore_latest(ex.init_state(), config)
+        workdir_lib.warn_if_short_of_space(workdir, state)
+        start_step = int(state.step)
+        logger = MetricsLogger(workdir, config, total_steps=ex.total_steps,
+                               steps_per_epoch=ex.steps_per_epoch, start_step=start_step)
+        closing.callback(logger.close)
+        best = checkpoints.BestCheckpoint(workdir)
+        closing.callback(best.close)
+        logging.info("JAX %s, process %d of %d, %d devices: %d train images, %d steps per "
+                     "epoch (floor(N / kn) = floor(%d / %d)), %d steps in all, starting at "
+                     "step %d", jax.__version__, jax.process_index(), jax.process_count(),
+                     ex.mesh.size, len(ex.dataset.train), ex.steps_per_epoch,
+                     len(ex.dataset.train), config.global_batch_size, ex.total_steps,
+                     start_step)
+        # A run stopped after its checkpoint's evaluation was written, before that evaluation
+        # was offered as the best, catches up here.
+        evaluation = eval_row(workdir, start_step)
+        if evaluation is not None:
+            best.offer(start_step, state, config, evaluation, latest=ckpt)
+        if start_step >= ex.total_steps:
+            _finished(ex, state, start_step, evaluation, logger, best, ckpt)
+            return state
+        state = _loop(ex, state, start_step, logger, best, ckpt)
+        ckpt.wait()
+        _summary(workdir, int(state.step), start_step, time.perf_counter() - started, logger)
+        return state
+
+
+def _summary(workdir: str, step: int, start_step: int, seconds: float,
+             logger: MetricsLogger) -> None:
+    """The end-of-run line (process 0): final and best evaluation (from metrics.jsonl, so a
+    resumed run counts the evaluations before its restart), steps, time, throughput, outputs."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    evals = [r for r in rows if "eval_top1" in r]
+    if evals:
+        top = max(evals, key=lambda r: r["eval_top1"])
+        accuracy = (f"final eval top1 {evals[-1]['eval_top1']:.4f} at step {evals[-1]['step']}"
+                    f", best {top['eval_top1']:.4f} at step {top['step']}")
+    else:
+        accuracy = "no evaluation"
+    rate = logger.mean_images_per_sec
+    logging.info("done: %s | trained steps %d to %d (%d steps) in %s wall time | %s img/s "
+                 "over train steps | outputs in %s: checkpoints/, metrics.jsonl, config.json, "
+                 "run.json", accuracy, start_step + 1, step, step - start_step,
+                 format_seconds(seconds), "n/a" if rate is None else f"{rate:.0f}",
+                 os.path.abspath(workdir))
+
+
+def _finished(ex: Experiment, state: TrainState, step: int, evaluation: dict | None,
+              logger: MetricsLogger, best: checkpoints.BestCheckpoint,
+              ckpt: checkpoints.Checkpointer) -> None:
+    """A rerun of a finished run trains nothing: it says so, with the final evaluation, and
+    evaluates the last checkpoint again if metrics.jsonl lost that evaluation. (The loop
+    writes a step's evaluation before its save, but a crash can still lose the row: a torn
+    last line is dropped on start-up, and rows are not fsynced.)"""
+    if evaluation is not None:
+        logging.info("already finished at step %d: eval top1 %.4f | top5 %.4f | loss %.4f "
+                     "(metrics.jsonl); nothing to train", step, evaluation["eval_top1"],
+                     evaluation["eval_top5"], evaluation["eval_loss"])
+        return
+    logging.info("already finished at step %d, but metrics.jsonl has no evaluation of that "
+                 "step (lost in a crash?): evaluating it now", step)
+    evaluation = evaluate(ex, state)
+    logger.write_eval(step, evaluation)
+    best.offer(step, state, ex.config, evaluation, latest=ckpt)
+
+
+def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLogger,
+          best: checkpoints.BestCheckpoint, ckpt: checkpoints.Checkpointer) -> TrainState:
     """The loop.
 
     Every step's metrics are read one step late, after the next step is dispatched, so the
@@ -270,55 +370,56 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     step's rows are written before its checkpoint, so a rerun after a crash rewrites exactly
     the rows after the checkpoint it resumes from.
     """
-    ex = setup(config)
-    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state = ckpt.restore_latest(ex.init_state(), config)
-    workdir_lib.warn_if_short_of_space(workdir, state)
-    start_step, total_steps, steps_per_epoch = int(state.step), ex.total_steps, ex.steps_per_epoch
-    logger = MetricsLogger(workdir, config, total_steps=total_steps,
-                           steps_per_epoch=steps_per_epoch, start_step=start_step)
-    logging.info("JAX %s, process %d of %d, %d devices: %d train images, %d steps per epoch "
-                 "(floor(N / kn) = floor(%d / %d)), %d steps in all, starting at step %d",
-                 jax.__version__, jax.process_index(), jax.process_count(), ex.mesh.size,
-                 len(ex.dataset.train), steps_per_epoch, len(ex.dataset.train),
-                 config.global_batch_size, total_steps, start_step)
+    config, total_steps, steps_per_epoch = ex.config, ex.total_steps, ex.steps_per_epoch
+    window = []  # the values of the steps read since the last train row
 
     def finish(step: int, metrics: dict) -> None:
         values = _read_step(step, metrics)
+        window.append(values)
         if step % config.log_every_steps == 0 or step == total_steps:
+            # loss and train_top1: means over the logging window; lr, grad_norm: this step's.
+            for key in ("loss", "train_top1"):
+                values[key] = sum(v[key] for v in window) / len(window)
+            window.clear()
             logger.write_train(step, values)
 
     batches = ex.train_batches(start_step)
+    first = next(batches)  # _train calls the loop only with steps left
+    logging.info("compiling the train step for %d devices ...", ex.mesh.size)
+    compile_start = time.perf_counter()
+    train_step = ex.train_step.lower(state, first).compile()
+    logging.info("compiled the train step in %.1f s", time.perf_counter() - compile_start)
+    logger.restart_clock(start_step)
+    batches = itertools.chain([first], batches)
     unread = None  # (step, metrics) dispatched but not yet read
-    try:
-        with checkpoints.PreemptionWatch() as preemption:
-            for step in range(start_step + 1, total_steps + 1):  # `step`: updates done after it
-                state, metrics = ex.train_step(state, next(batches))
-                if unread is not None:
-                    finish(*unread)
-                unread = (step, metrics)
-                end_of_epoch = step % steps_per_epoch == 0
-                last = step == total_steps
-                preempted = preemption.reached(step)
-                evaluate_now = last or (end_of_epoch and
-                                        (step // steps_per_epoch) % config.eval_every_epochs == 0)
-                save_now = (last or end_of_epoch or preempted
-                            or step % config.checkpoint_every_steps == 0)
-                if evaluate_now or save_now:
-                    finish(*unread)
-                    unread = None
-                if evaluate_now:
-                    logger.write_eval(step, evaluate(ex, state))
-                if save_now:
-                    ckpt.save(step, state, config)
-                if preempted and preemption.interrupted:
-                    raise Interrupted(f"interrupted: saved the checkpoint at step {step}; "
-                                      "rerun the same command to resume")
-                if preempted:
-                    logging.warning("preempted: saved the checkpoint at step %d; rerun the "
-                                    "same command to resume", step)
-                    break
-    finally:
-        ckpt.close()  # whatever happened, saves already started complete
-        logger.close()
+    with checkpoints.PreemptionWatch() as preemption:
+        for step in range(start_step + 1, total_steps + 1):  # `step`: updates done after it
+            state, metrics = train_step(state, next(batches))
+            if unread is not None:
+                finish(*unread)
+            unread = (step, metrics)
+            end_of_epoch = step % steps_per_epoch == 0
+            last = step == total_steps
+            preempted = preemption.reached(step)
+            evaluate_now = last or (end_of_epoch and
+                                    (step // steps_per_epoch) % config.eval_every_epochs == 0)
+            save_now = (last or end_of_epoch or preempted
+                        or step % config.checkpoint_every_steps == 0)
+            if evaluate_now or save_now:
+                finish(*unread)
+                unread = None
+            if evaluate_now:
+                evaluation = evaluate(ex, state)
+                logger.write_eval(step, evaluation)
+            if save_now:
+                ckpt.save(step, state, config)
+            if evaluate_now:  # every evaluated step is saved: the best follows its save
+                best.offer(step, state, config, evaluation, latest=ckpt)
+            if preempted and preemption.interrupted:
+                raise Interrupted(f"interrupted: saved the checkpoint at step {step}; "
+                                  "rerun the same command to resume")
+            if preempted:
+                logging.warning("preempted: saved the checkpoint at step %d; rerun the "
+                                "same command to resume", step)
+                break
     return state

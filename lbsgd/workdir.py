@@ -20,9 +20,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from lbsgd.checkpoints import BEST_DIRECTORY
 from lbsgd.errors import WorkdirError
 
 LOCK_NAME = "lbsgd.lock"
+CHECKPOINT_DIRECTORIES = ("checkpoints", BEST_DIRECTORY)
 
 
 def _not_a_directory(path: str, what: str) -> None:
@@ -34,7 +36,8 @@ def _not_a_directory(path: str, what: str) -> None:
 def check_paths(workdir: str, data_dir: str) -> None:
     """Stop at start-up, not at the first save, on paths a run cannot write to."""
     _not_a_directory(workdir, "--workdir")
-    _not_a_directory(os.path.join(workdir, "checkpoints"), "the checkpoint directory")
+    for name in CHECKPOINT_DIRECTORIES:
+        _not_a_directory(os.path.join(workdir, name), "the checkpoint directory")
     if data_dir:
         _not_a_directory(data_dir, "--config.data_dir")
     try:
@@ -44,13 +47,18 @@ def check_paths(workdir: str, data_dir: str) -> None:
     except OSError as e:
         raise WorkdirError(f"--workdir {workdir} is not writable ({e.strerror}): choose a "
                            "directory this user can write to") from None
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    for name in CHECKPOINT_DIRECTORIES:
+        _no_symlinks(os.path.join(workdir, name))
+
+
+def _no_symlinks(checkpoint_dir: str) -> None:
+    """Old checkpoints are deleted as new ones are saved, which a symbolic link breaks."""
     for name in os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else ():
         if os.path.islink(os.path.join(checkpoint_dir, name)):
             raise WorkdirError(
                 f"{checkpoint_dir}/{name} is a symbolic link: old checkpoints are deleted as "
                 "new ones are saved, which a link breaks; replace it with the directory itself "
-                "or move it out of checkpoints/")
+                f"or move it out of {os.path.basename(checkpoint_dir)}/")
 
 
 def warn_if_short_of_space(workdir: str, state) -> None:
