@@ -101,12 +101,133 @@ def test_grouped_moments_matches_numpy():
     np.testing.assert_allclose(np.asarray(var), np.stack(ref_var), rtol=1e-4, atol=1e-5)
 
 
-def test_variance_is_two_pass_stable():
-    # A large common offset destroys E[x^2] - E[x]^2 in float32 but not mean((x - mean)^2).
-    rng = np.random.default_rng(0)
-    x = (1e4 + rng.normal(size=(4, 8, 8, 2))).astype(np.float32)
-    _, var = grouped_moments(jnp.asarray(x), 2)
-    np.testing.assert_allclose(np.asarray(var), np.stack(_np_group_stats(x, 2)[1]), rtol=1e-2)
+def _large_mean_input(shape, dtype, seed=0):
+    """|mean| / std ~ 1e3 and beyond, where the naive E[x^2] - E[x]^2 cancels in float32.
+
+    float32: mean 1e4 (per channel 1e4 and -2e4 ...), std 0.1. bfloat16 keeps 8 significant
+    bits, so its values cannot spread by much less than |mean| / 256: the case is sparse, a
+    value M = 9984 and, for 1% of the values, the next bf16 value up, M + 64 (std ~6.4).
+    Returned as float32 holding exactly the values of `dtype`.
+    """
+    rng = np.random.default_rng(seed)
+    if dtype == "float32":
+        offsets = 1e4 * np.array([1.0, -2.0, 1.5, 3.0])[: shape[-1]]
+        return (offsets + 0.1 * rng.normal(size=shape)).astype(np.float32)
+    x = (9984.0 + 64.0 * (rng.random(shape) < 0.01)).astype(np.float32)
+    assert np.array_equal(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), x)
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_pass_moments_are_exact_with_a_shift_near_the_mean(dtype):
+    # One pass, var = E[d^2] - E[d]^2 with d = x - shift: with the shift GroupedBatchNorm uses,
+    # a worker's running mean, here one lagging the data by 3 std per group and channel, it
+    # matches float64; with no shift (the naive formula) it is far off, so this test fails
+    # for a formulation that does not shift, or shifts by something far from the mean.
+    x = _large_mean_input((4, 32, 32, 2), dtype)
+    ref_mean, ref_var = (np.stack(s) for s in _np_group_stats(x, 2))
+    assert np.all(np.abs(ref_mean) / np.sqrt(ref_var) > 1e3)
+    xj = jnp.asarray(x, dtype)
+    _, naive_var = grouped_moments(xj, 2)
+    naive_error = np.max(np.abs(np.asarray(naive_var) - ref_var) / ref_var)
+    assert naive_error > 1e-2, naive_error
+    running_mean = ref_mean + 3.0 * np.sqrt(ref_var)
+    mean, var = grouped_moments(xj, 2, shift=jnp.asarray(running_mean, jnp.float32))
+    assert mean.dtype == var.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(var), ref_var, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(mean), ref_mean, rtol=1e-7)  # |mean| >> std
+    # The shift changes the rounding only: a per-channel [C] one and a shift of 0 on data
+    # near zero mean both give float64's statistics.
+    mean_c, var_c = grouped_moments(xj, 2, shift=jnp.asarray(running_mean[0], jnp.float32))
+    np.testing.assert_allclose(np.asarray(var_c), ref_var, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(mean_c), ref_mean, rtol=1e-7)
+
+
+def test_running_mean_shift_follows_the_data():
+    # The shift is each worker's running mean: 0 at initialization (the naive formula), then
+    # mean[g] <- m * mean[g] + (1 - m) * mean_g closes its gap to a steady data mean by the
+    # factor m every step. On data of mean 1e4 and std 0.1 the first step's variance is far
+    # off (the rows start far from the data: not a ResNet's case, whose BN inputs start near
+    # zero mean); once the rows have followed the data, it is float64's.
+    m, g, groups, c = 0.9, 4, 2, 2
+    bn = _random_bn(c, group_size=g, num_groups=groups, momentum=m)
+    gamma, beta = np.asarray(bn.gamma[...]), np.asarray(bn.beta[...])
+    step = _train_step()
+    gaps, var_errors, out_errors = [], [], []
+    for seed in range(150):
+        x = _large_mean_input((g * groups, 4, 4, c), "float32", seed=seed)
+        means, vars_ = (np.stack(s) for s in _np_group_stats(x, g))
+        gaps.append(np.max(np.abs(np.asarray(bn.mean[...]) - means)))
+        var_before = np.asarray(bn.var[...], np.float64)
+        y = np.asarray(step(bn, jnp.asarray(x)))
+        var = (np.asarray(bn.var[...], np.float64) - m * var_before) / (1 - m)  # this step's
+        var_errors.append(np.max(np.abs(var - vars_) / vars_))
+        out_errors.append(np.max(np.abs(y - _np_forward(x, g, gamma, beta))))
+    # |row - group mean| <= m^k x the largest |mean| (2e4), up to the data's noise: geometric.
+    np.testing.assert_array_less(gaps, 2e4 * m ** np.arange(len(gaps)) + 0.1)
+    assert var_errors[0] > 1.0 and out_errors[0] > 1.0  # shift 0: |mean| / std = 1e5
+    np.testing.assert_array_less(var_errors[100:], 1e-4)  # float64's variance, step after step
+    # The output x * a + b rounds at the scale of |x * a| ~ 3e5 (a float32 ulp is 0.03): the
+    # two-pass formulation's x - mean rounded likewise (0.04 here).
+    np.testing.assert_array_less(out_errors[100:], 0.05)
+
+
+def test_first_steps_from_zero_running_mean_are_exact():
+    # At initialization the rows are 0, so the first step is the naive formula: exact for
+    # data near zero mean against its std, as a ResNet's BN inputs are at the start (|mean| /
+    # std here up to ~3). The second step shifts by the updated rows.
+    g, groups, c = 4, 2, 3
+    bn = GroupedBatchNorm(c, group_size=g, num_groups=groups, momentum=0.9)
+    step = _train_step()
+    for seed in (1, 2):
+        x = _input((g * groups, 5, 5, c), seed=seed)
+        shift = np.asarray(bn.mean[...])
+        var_before = np.asarray(bn.var[...])
+        y = np.asarray(step(bn, jnp.asarray(x)))
+        _, ref_var = _np_group_stats(x, g)
+        var = (np.asarray(bn.var[...]) - 0.9 * var_before) / 0.1
+        np.testing.assert_allclose(var, np.stack(ref_var), rtol=1e-5)
+        np.testing.assert_allclose(y, _np_forward(x, g, np.ones(c), np.zeros(c)), atol=2e-5)
+    assert np.all(shift != 0)  # the second step did shift
+
+
+def _two_pass_forward(x, gamma, beta, group_size):
+    """The formulation before the one-pass statistics: mean, then mean((x - mean)^2)."""
+    xg = x.reshape(x.shape[0] // group_size, group_size, *x.shape[1:]).astype(jnp.float32)
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    y = (xg - mean) * jax.lax.rsqrt(var + EPS) * gamma + beta
+    return y.reshape(x.shape)
+
+
+@pytest.mark.parametrize("shift", ["zero", "running_mean", "far"])
+def test_one_pass_gradients_equal_two_pass_gradients(shift):
+    # Gradients flow through the statistics (BN's backward includes them). The one-pass
+    # function is the two-pass one for every shift, so autodiff must give the same gradients
+    # to float32 rounding: with shift 0 (initialization), with running-mean rows near the
+    # groups' means, and with rows 5 std away from them.
+    shape, g = (8, 4, 4, 3), 2
+    bn = _random_bn(shape[-1], group_size=g, num_groups=shape[0] // g)
+    x = _input(shape) + np.float32(4.0)  # |mean| / std up to ~10
+    means = np.stack(_np_group_stats(x, g)[0])
+    stds = np.sqrt(np.stack(_np_group_stats(x, g)[1]))
+    rows = {"zero": 0 * means, "running_mean": means + 0.1 * stds, "far": means - 5 * stds}
+    bn.mean[...] = jnp.asarray(rows[shift], jnp.float32)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+
+    def loss(bn, x):
+        return jnp.sum(bn(x, train=True) * w)
+
+    def loss_two_pass(gamma, beta, x):
+        return jnp.sum(_two_pass_forward(x, gamma, beta, g) * w)
+
+    bn_grads, dx = nnx.grad(loss, argnums=(0, 1))(nnx.clone(bn), jnp.asarray(x))
+    ref = jax.grad(loss_two_pass, argnums=(0, 1, 2))(bn.gamma[...], bn.beta[...], jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(ref[2]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn_grads["gamma"][...]), ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn_grads["beta"][...]), ref[1], rtol=1e-6, atol=1e-6)
+    assert set(nnx.state(bn_grads).keys()) == {"gamma", "beta"}  # nothing into the rows
 
 
 @pytest.mark.parametrize("shape,group_size", [((8, 3, 2, 4), 2), ((12, 5), 3)])

@@ -9,6 +9,10 @@ We decouple n from the hardware: the batch axis is reshaped to [B/n, n, ...] and
 of n consecutive examples is normalized with its own statistics. The computation is purely
 local (no collectives): when the batch is sharded over devices on its leading axis and B/n
 groups divide evenly among them, every group lives on a single device.
+
+The statistics take one pass over the activations (`_shifted_sums`): the sums of x - s and of
+(x - s)^2, in float32, with a shift s near the data's mean (each worker's running mean) that
+keeps E[d^2] - E[d]^2 from cancelling.
 """
 
 import jax
@@ -24,28 +28,66 @@ def _check_batch(batch_size: int, group_size: int) -> None:
         )
 
 
-def _group(x: jax.Array, group_size: int) -> jax.Array:
-    """[B, ..., C] -> [B/g, g, ..., C]."""
-    _check_batch(x.shape[0], group_size)
-    return x.reshape(x.shape[0] // group_size, group_size, *x.shape[1:])
+def _per_example(v: jax.Array, group_size: int, ndim: int) -> jax.Array:
+    """A per-group [G, C] array as [G * group_size, 1, ..., 1, C]: group g's row for each of
+    its examples, to broadcast against an input of rank `ndim`."""
+    rows = jnp.broadcast_to(v[:, None, :], (v.shape[0], group_size, v.shape[-1]))
+    return rows.reshape((-1,) + (1,) * (ndim - 2) + (v.shape[-1],))
 
 
-def _reduce_axes(grouped: jax.Array) -> tuple[int, ...]:
-    """All axes of a grouped array except the group axis (0) and the channel axis (-1)."""
-    return tuple(range(1, grouped.ndim - 1))
+def _shifted_sums(
+    x: jax.Array, group_size: int, shift: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """(E[d], var) per group, [B/group_size, C] each, of x [B, ..., C] with d = x - shift.
 
+    One pass: E[d] and E[d^2] are two reductions of the same d, which XLA fuses into one
+    kernel reading x once (the two-pass mean((x - mean)^2) reads it twice, and its gradient
+    once more). x (bf16 or float32) is accumulated in float32, per example over its
+    positions, then over the examples of each group: the same sums, in a shape in which
+    XLA's GPU compiler fuses BatchNorm's forward and backward as it does a plain BatchNorm's.
 
-def grouped_moments(x: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
-    """Per-group mean and biased variance of x [B, ..., C], in float32.
-
-    Returns (mean, var), each [B/group_size, C]. The variance is computed in two passes,
-    mean((x - mean)^2), which is stable in float32 where E[x^2] - E[x]^2 can cancel.
+    var = E[d^2] - E[d]^2 is the variance for any shift; the shift decides only the rounding:
+    the error of the subtraction grows like eps_float32 x ((mean - shift) / std)^2, so a shift
+    near the data's mean makes it as exact as the two-pass formula, while shift 0 (the naive
+    E[x^2] - E[x]^2) loses every digit where |mean| / std is large (~1e3 and beyond in
+    float32). The shift (float32 [G, C], or None for 0) is a constant: no gradient flows into
+    it, and neither the statistics nor their gradient depend on it, only their rounding.
+    Clamped at 0 against rounding, like Flax's one-pass BatchNorm.
     """
-    xg = _group(x, group_size).astype(jnp.float32)
-    axes = _reduce_axes(xg)
-    mean = jnp.mean(xg, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
-    return mean.reshape(xg.shape[0], -1), var.reshape(xg.shape[0], -1)
+    _check_batch(x.shape[0], group_size)
+    groups, channels = x.shape[0] // group_size, x.shape[-1]
+    d = x.astype(jnp.float32)
+    if shift is not None:
+        d = d - _per_example(jax.lax.stop_gradient(shift), group_size, x.ndim)
+    positions = tuple(range(1, x.ndim - 1))  # of one example, all but the channel axis
+
+    def group_mean(v):  # [B, ..., C] -> [G, C]
+        per_example = jnp.sum(v, axis=positions).reshape(groups, group_size, channels)
+        return jnp.sum(per_example, axis=1) / (x.size // (groups * channels))
+
+    mean_d = group_mean(d)
+    var = jnp.maximum(group_mean(jnp.square(d)) - jnp.square(mean_d), 0.0)
+    return mean_d, var
+
+
+def grouped_moments(
+    x: jax.Array, group_size: int, shift: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-group mean and biased variance of x [B, ..., C], in float32, in one pass.
+
+    Returns (mean, var), each [B/group_size, C]: mean = shift + E[d], var = E[d^2] - E[d]^2
+    with d = x - shift (`_shifted_sums`). `shift` is a per-group, per-channel value
+    [B/group_size, C] (or [C], or anything that broadcasts to it) near the data's mean;
+    GroupedBatchNorm passes each worker's running mean. None means 0, the naive
+    E[x^2] - E[x]^2: exact enough only where |mean| / std is small, as for the normalized
+    activations of a network at initialization, and catastrophically wrong where it is large.
+    """
+    _check_batch(x.shape[0], group_size)
+    if shift is not None:
+        rows = (x.shape[0] // group_size, x.shape[-1])
+        shift = jnp.broadcast_to(jnp.asarray(shift, jnp.float32), rows)
+    mean_d, var = _shifted_sums(x, group_size, shift)
+    return (mean_d if shift is None else jax.lax.stop_gradient(shift) + mean_d), var
 
 
 class GroupedBatchNorm(nnx.Module):
@@ -127,13 +169,27 @@ class GroupedBatchNorm(nnx.Module):
                 f"(= {self.group_size * self.num_groups} examples): build the model with "
                 "bn_num_groups = global_batch_size // bn_group_size"
             )
-        mean, var = grouped_moments(x, self.group_size)  # [G, C] each
-        xg = _group(x, self.group_size).astype(jnp.float32)
-        # [G, C] -> [G, 1, ..., 1, C] to broadcast against the grouped input.
-        bshape = (xg.shape[0],) + (1,) * (xg.ndim - 2) + (xg.shape[-1],)
-        y = self._normalize(xg, mean.reshape(bshape), var.reshape(bshape))
+        # One pass (`_shifted_sums`), shifted by each worker's own running mean, row g for
+        # group g: the exponential average of exactly this group's past means, it follows
+        # the data (it closes the gap to a steady mean by the factor `momentum` every step)
+        # and lives on the group's device. The mean over the rows would be as good a shift
+        # but needs the other devices' rows: an all-reduce in every BN layer of every step.
+        # At initialization the rows are 0, the naive formula, exact for the first batches
+        # of a ResNet, whose BN inputs are near zero mean against their std.
+        shift = jax.lax.stop_gradient(self.mean[...])  # [G, C]
+        mean_d, var = _shifted_sums(x, self.group_size, shift)
+        mean = shift + mean_d
+        # y = (x - mean) * gamma / sqrt(var + eps) + beta as x * a + b, with a and b per group
+        # [G, C] given to each example: the parameters meet the activations only through a
+        # and b, so the gradient takes two sums per example (of dy and of dy * x) and sums
+        # them over the group, the shape of the statistics' own sums. x * a + b rounds at the
+        # scale of |x * a| (relative error ~ eps_float32 x |mean| / std), as x - mean did.
+        a = jax.lax.rsqrt(var + self.epsilon) * self.gamma[...]
+        b = self.beta[...] - mean * a
+        g = self.group_size
+        y = x.astype(jnp.float32) * _per_example(a, g, x.ndim) + _per_example(b, g, x.ndim)
         self._update_running(mean, var)
-        return y.reshape(x.shape)
+        return y
 
     def _update_running(self, mean: jax.Array, var: jax.Array) -> None:
         m = self.momentum
