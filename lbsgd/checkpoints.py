@@ -69,6 +69,17 @@ def _is_disk_full(error: BaseException) -> bool:
     return False
 
 
+def _save_replicated_arrays_from_one_device():
+    """Orbax's default on CPU and TPU splits the writing of each replicated array across its
+    replicas ("replica-parallel"), which pays only when several processes share the writing.
+    In one process it only slices every array per device: ~100 small XLA compilations (~13 s on
+    2 CPU cores for ResNet-8) at the first save of every run. One process therefore writes each
+    replicated array from one device; several processes keep orbax's default."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
+        override=True)
+
+
 LATEST_DIRECTORY = "checkpoints"
 BEST_DIRECTORY = "checkpoints-best"
 
@@ -82,6 +93,7 @@ class Checkpointer:
         directory of a save in progress is left alone."""
         self.directory = os.path.join(os.path.abspath(workdir), name)
         self.is_latest = name == LATEST_DIRECTORY  # the log says which folder saved
+        _save_replicated_arrays_from_one_device()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
