@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from lbsgd.config import RUN_ONLY_FIELDS
+from lbsgd.config import RUN_ONLY_FIELDS, default_config
 from lbsgd.errors import CheckpointError
 
 
@@ -36,8 +36,11 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def changed_fields(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
-    """{field: (saved value, new value)} for trajectory fields that differ."""
-    new = _as_json(config)
+    """{field: (saved value, new value)} for trajectory fields that differ. A field the saved
+    config lacks (added to lbsgd after that checkpoint) counts as its default, which by rule
+    is the behaviour from before the field existed."""
+    new, defaults = _as_json(config), _as_json(default_config())
+    saved = {**{f: v for f, v in defaults.items() if f not in saved}, **saved}
     fields = (saved.keys() | new.keys()) - RUN_ONLY_FIELDS
     return {f: (saved.get(f), new.get(f)) for f in sorted(fields) if saved.get(f) != new.get(f)}
 

@@ -42,6 +42,10 @@ class OwnInfoOnly(logging_std.Filter):
     def filter(self, record: logging_std.LogRecord) -> bool:
         if record.pathname.startswith(_PACKAGE_DIR + os.sep):
             return True
+        if str(record.msg).startswith("Variant folder "):
+            # TFDS looking into a dataset folder it is about to prepare (and finding it
+            # empty): datasets/preparation.py says what happens instead.
+            return False
         record.exc_info, record.exc_text = None, None
         return record.levelno >= logging_std.WARNING
 

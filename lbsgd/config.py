@@ -7,8 +7,10 @@ instead of a failed pod job. Values are those of Goyal et al. 2017, Sec. 2 and 5
 comment says otherwise.
 """
 
+import inspect
 import math
 import numbers
+import re
 
 import ml_collections
 from absl import logging
@@ -28,7 +30,7 @@ DTYPES = ("float32", "bfloat16")
 RUN_ONLY_FIELDS = frozenset({
     "data_dir", "manual_dir", "input_threads", "microbatch_size", "eval_batch_size",
     "max_steps", "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
-    "keep_checkpoints", "resume_allow_changes",
+    "keep_checkpoints", "resume_allow_changes", "profile_steps",
 })
 
 
@@ -38,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Model: ResNet v1 family (resnet18..resnet152) or CIFAR-style cifar_resnet8/20/32/56.
     c.model = "resnet50"
     c.dtype = "float32"  # compute: float32 | bfloat16 (params and BN statistics stay fp32)
+    # The gradient all-reduce's dtype: float32 (the paper's arithmetic) | bfloat16 (half the
+    # bytes on the wire; the gradients are rounded to bf16 before they are summed).
+    c.grad_reduce_dtype = "float32"
 
     # Data.
     # imagenet2012 | folder:PATH (PATH/train/CLASS/*.jpg, PATH/val/CLASS/*.jpg) | fashion_mnist
@@ -93,7 +98,37 @@ def default_config() -> ml_collections.ConfigDict:
     # Comma-separated fields a resume may change on purpose (e.g. "num_epochs"); any other
     # change of a field that shapes the trajectory stops the resume with a message.
     c.resume_allow_changes = ""
+    # "START:END": a jax.profiler trace of train steps START to END (1-based, inclusive) in
+    # WORKDIR/profile, for TensorBoard's profile tab or Perfetto; empty: no trace.
+    c.profile_steps = ""
     return c
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """The resolved config in the layout of default_config(), the one place where each field
+    is explained: its comments kept, each value replaced by the resolved one (python -m
+    lbsgd.main --print_config)."""
+    lines, shown = [], set()
+    for line in inspect.getsource(default_config).splitlines()[1:]:
+        line = line.strip()
+        if assignment := re.match(r"c\.(\w+) = .*?(  #.*)?$", line):
+            name = assignment[1]
+            lines.append(f"{name} = {config[name]!r}{assignment[2] or ''}")
+            shown.add(name)
+        elif line.startswith("#") or not line:
+            lines.append(line)
+    lines += [f"{name} = {value!r}" for name, value in config.items() if name not in shown]
+    return "\n".join(lines).strip()
+
+
+def profile_step_range(spec: str) -> tuple[int, int] | None:
+    """(start, end) of a valid profile_steps value, None for empty; ValueError otherwise."""
+    if not spec:
+        return None
+    start, end = (int(part) for part in spec.split(":"))  # ValueError unless "A:B"
+    if not 1 <= start <= end:
+        raise ValueError(spec)
+    return start, end
 
 
 def _layout_problems(c: ml_collections.ConfigDict, num_devices: int) -> list[str]:
@@ -148,6 +183,8 @@ def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
     check(c.model in models.MODEL_NAMES,
           f"model {c.model!r} is unknown: choose one of {', '.join(models.MODEL_NAMES)}")
     check(c.dtype in DTYPES, f"dtype {c.dtype!r} is unknown: choose one of {DTYPES}")
+    check(c.grad_reduce_dtype in DTYPES,
+          f"grad_reduce_dtype {c.grad_reduce_dtype!r} is unknown: choose one of {DTYPES}")
     check(c.augment in ("", *AUGMENTATIONS), f"augment {c.augment!r} is unknown: choose one of "
           f"{AUGMENTATIONS} (or empty: the dataset's default)")
     check(c.warmup in WARMUPS, f"warmup {c.warmup!r} is unknown: choose one of {WARMUPS}")
@@ -183,6 +220,11 @@ def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
         check(c[field] >= 1, f"{field} {c[field]} must be >= 1")
     check(c.max_steps == -1 or c.max_steps >= 1,
           f"max_steps {c.max_steps} must be -1 (run num_epochs) or >= 1")
+    try:
+        profile_step_range(c.profile_steps)
+    except (ValueError, TypeError):
+        check(False, f"profile_steps {c.profile_steps!r} must be START:END with "
+              "1 <= START <= END (train steps, e.g. 10:15), or empty")
     return problems
 
 

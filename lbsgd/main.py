@@ -1,5 +1,7 @@
 """Command line: python -m lbsgd.main --config=configs/NAME.py --workdir=DIR [--config.F=V ...].
 
+`--print_config` prints the resolved config, every field with its comment, and exits.
+
 Rerunning the same command with the same workdir resumes from the latest checkpoint. A
 problem the user can fix (a bad config, data, checkpoint, or a diverged run) ends the command
 with one `lbsgd: ...` line and a non-zero exit code, never a traceback (lbsgd/errors.py).
@@ -23,7 +25,10 @@ _COORDINATOR = flags.DEFINE_string(
     "TPU pods and SLURM (where jax.distributed finds it by itself).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (every field, with its comment and "
+    "--config.F=V overrides applied) and exit; no --workdir needed.")
+flags.mark_flags_as_required(["config"])
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -58,6 +63,14 @@ def _initialize_distributed(jax) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _PRINT_CONFIG.value:
+        from lbsgd.config import describe
+
+        print(describe(_CONFIG.value))
+        return
+    if not _WORKDIR.value:
+        raise SystemExit("lbsgd: --workdir is required: the run's directory (checkpoints, "
+                         "metrics.jsonl, config.json); rerunning with the same one resumes")
 
     def train_and_evaluate():
         import jax

@@ -37,6 +37,29 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+# TensorBoard groups curves by the prefix before "/": a run's losses, accuracies, rate and
+# throughput each in their section. `epoch` (on every row, to read metrics.jsonl by epoch) is
+# the x-axis TensorBoard does not have, not a curve of its own.
+_TENSORBOARD_GROUPS = {"images_per_sec": "perf", "data_wait": "perf"}
+
+
+def tensorboard_tag(key: str) -> str | None:
+    """The TensorBoard tag of a metrics.jsonl column, or None for columns kept off it:
+    eval_top1 -> eval/top1, train_top1 -> train/top1, loss -> train/loss, ..."""
+    if key in ("step", "epoch", "time"):
+        return None
+    for prefix in ("eval", "train"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return f"{_TENSORBOARD_GROUPS.get(key, 'train')}/{key}"
+
+
+def _hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+    """The config as TensorBoard's hparams plugin takes it: scalars and strings only."""
+    return {key: value if isinstance(value, bool | int | float | str) else str(value)
+            for key, value in config.to_dict().items()}
+
+
 def replace_file(path: str, data: bytes) -> None:
     """Write `path` anew through a temporary file in its directory and os.replace: a kill at
     any moment leaves the old file or the new one, never a truncated or half-written one."""
@@ -252,12 +275,15 @@ class MetricsLogger:
         # taken for an old one. Synchronous: _write flushes every row anyway.
         self.writer = (metric_writers.SummaryWriter(workdir) if self.is_chief
                        else metric_writers.MultiWriter([]))
+        if start_step == 0:  # once per run: a resume must not add a second session
+            self.writer.write_hparams(_hparams(config))
 
     def _write(self, row: dict) -> None:
         if self.is_chief:
             with open(self.path, "a") as f:
                 f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
-        self.writer.write_scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
+        self.writer.write_scalars(row["step"], {tensorboard_tag(k): v for k, v in row.items()
+                                                if tensorboard_tag(k)})
         # Like its metrics.jsonl line, a row's events reach the file before the step's
         # checkpoint is saved: a kill after the save must not lose events the resume keeps.
         self.writer.flush()
@@ -273,22 +299,27 @@ class MetricsLogger:
             return None
         return self.global_batch_size * self.train_steps / self.train_seconds
 
-    def write_train(self, step: int, values: dict[str, float]) -> None:
-        """Log one row of train metrics, with the throughput since the previous row and an
-        ETA from the mean time of the train steps timed so far."""
+    def write_train(self, step: int, values: dict[str, float], *,
+                    data_wait_seconds: float = 0.0) -> None:
+        """Log one row of train metrics, with the throughput since the previous row, the
+        fraction of that time the loop waited for input batches (`data_wait`: near 0 when the
+        devices bound the run, large when the input pipeline does), and an ETA from the mean
+        time of the train steps timed so far."""
         now = time.perf_counter()
         steps = max(step - self.last_step, 1)
-        seconds_per_step = (now - self.last_time) / steps
-        self.train_seconds += now - self.last_time
+        window_seconds = max(now - self.last_time, 1e-9)
+        self.train_seconds += window_seconds
         self.train_steps += steps
         self.last_step, self.last_time = step, now
         row = {"step": step, "epoch": step / self.steps_per_epoch, **values,
-               "images_per_sec": self.global_batch_size / seconds_per_step}
+               "images_per_sec": self.global_batch_size * steps / window_seconds,
+               "data_wait": min(data_wait_seconds / window_seconds, 1.0)}
         self._write(row)
         eta = format_seconds((self.total_steps - step) * self.train_seconds / self.train_steps)
         logging.info("step %d/%d | epoch %.2f | loss %.4f | top1 %.3f | lr %.5f | %.0f img/s | "
-                     "ETA %s", step, self.total_steps, row["epoch"], values["loss"],
-                     values["train_top1"], values["lr"], row["images_per_sec"], eta)
+                     "data wait %.0f%% | ETA %s", step, self.total_steps, row["epoch"],
+                     values["loss"], values["train_top1"], values["lr"],
+                     row["images_per_sec"], 100 * row["data_wait"], eta)
 
     def write_eval(self, step: int, values: dict[str, float]) -> None:
         self._write({"step": step, "epoch": step / self.steps_per_epoch, **values})

@@ -111,8 +111,8 @@ def _loss_and_grads(graphdef: nnx.GraphDef, params: dict, batch_stats: dict,
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, learning_rate_fn: Callable,
-               dataset: Dataset, dtype: Any, mesh: Mesh,
-               microbatches: int = 1) -> tuple[TrainState, dict]:
+               dataset: Dataset, dtype: Any, mesh: Mesh, microbatches: int = 1,
+               reduce_dtype: Any = jnp.float32) -> tuple[TrainState, dict]:
     """One SGD update on the global batch: a pure function of (state, batch).
 
     Each device computes the gradient of its own rows (whole BN groups: BatchNorm needs
@@ -122,7 +122,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     before that one all-reduce: BatchNorm is per worker, so each slice's loss, gradient and
     statistics rows are exactly those of its groups in the whole batch, the same function in
     1/M of the activation memory. The slices are an unrolled Python loop: a `lax.scan` was
-    ~10x slower on XLA:CPU.
+    ~10x slower on XLA:CPU. The all-reduce sends the gradients in `reduce_dtype` (float32,
+    the paper's arithmetic; bfloat16 halves the bytes) and the update is computed in float32.
     """
     kn = batch["label"].shape[0]
 
@@ -139,9 +140,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         # part's mean covers kn / (devices x M) images, so the global mean is the sum of the
         # parts' means over devices x M.
         parts_in_all = mesh.size * microbatches
-        total = jax.lax.psum((sum(losses), jax.tree.map(lambda *g: sum(g), *grads),
-                              sum(correct)), parallel.DATA_AXIS)
-        loss, grads = total[0] / parts_in_all, jax.tree.map(lambda g: g / parts_in_all, total[1])
+        summed = jax.tree.map(lambda *g: sum(g).astype(reduce_dtype), *grads)
+        total = jax.lax.psum((sum(losses), summed, sum(correct)), parallel.DATA_AXIS)
+        loss = total[0] / parts_in_all
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32) / parts_in_all, total[1])
         batch_stats = jax.tree.map(lambda *rows: jnp.concatenate(rows), *stats)
         return loss, grads, total[2] / kn, batch_stats
 
@@ -225,7 +227,8 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experi
     train_fn = jax.jit(
         functools.partial(train_step, graphdef=step_graphdef, tx=tx,
                           learning_rate_fn=learning_rate_fn, dataset=dataset, dtype=dtype,
-                          mesh=mesh, microbatches=config.global_batch_size // microbatch),
+                          mesh=mesh, microbatches=config.global_batch_size // microbatch,
+                          reduce_dtype=jnp.dtype(config.grad_reduce_dtype)),
         in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
         donate_argnums=0)
     eval_fn = jax.jit(
@@ -312,16 +315,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         if start_step >= ex.total_steps:
             _finished(ex, state, start_step, evaluation, logger, best, ckpt)
             return state
-        state = _loop(ex, state, start_step, logger, best, ckpt)
+        try:
+            state = _loop(ex, state, start_step, logger, best, ckpt)
+        except Interrupted:  # Ctrl-C: its checkpoint is saved; say what this sitting did
+            ckpt.wait()
+            _summary(workdir, logger.last_step, start_step, time.perf_counter() - started,
+                     logger, finished=False)
+            raise
         ckpt.wait()
-        _summary(workdir, int(state.step), start_step, time.perf_counter() - started, logger)
+        _summary(workdir, int(state.step), start_step, time.perf_counter() - started, logger,
+                 finished=int(state.step) == ex.total_steps)
         return state
 
 
 def _summary(workdir: str, step: int, start_step: int, seconds: float,
-             logger: MetricsLogger) -> None:
+             logger: MetricsLogger, *, finished: bool) -> None:
     """The end-of-run line (process 0): final and best evaluation (from metrics.jsonl, so a
-    resumed run counts the evaluations before its restart), steps, time, throughput, outputs."""
+    resumed run counts the evaluations before its restart), steps, time, throughput, outputs;
+    "stopped" instead of "done" when a signal ended the run before its last step."""
     if jax.process_index() != 0:
         return
     path = os.path.join(workdir, "metrics.jsonl")
@@ -330,14 +341,16 @@ def _summary(workdir: str, step: int, start_step: int, seconds: float,
     evals = [r for r in rows if "eval_top1" in r]
     if evals:
         top = max(evals, key=lambda r: r["eval_top1"])
-        accuracy = (f"final eval top1 {evals[-1]['eval_top1']:.4f} at step {evals[-1]['step']}"
+        accuracy = (f"{'final' if finished else 'last'} eval top1 "
+                    f"{evals[-1]['eval_top1']:.4f} at step {evals[-1]['step']}"
                     f", best {top['eval_top1']:.4f} at step {top['step']}")
     else:
         accuracy = "no evaluation"
     rate = logger.mean_images_per_sec
-    logging.info("done: %s | trained steps %d to %d (%d steps) in %s wall time | %s img/s "
+    logging.info("%s: %s | trained steps %d to %d (%d steps) in %s wall time | %s img/s "
                  "over train steps | outputs in %s: checkpoints/, metrics.jsonl, config.json, "
-                 "run.json", accuracy, start_step + 1, step, step - start_step,
+                 "run.json", "done" if finished else "stopped (rerun the same command to "
+                 "resume)", accuracy, start_step + 1, step, step - start_step,
                  format_seconds(seconds), "n/a" if rate is None else f"{rate:.0f}",
                  os.path.abspath(workdir))
 
@@ -361,6 +374,35 @@ def _finished(ex: Experiment, state: TrainState, step: int, evaluation: dict | N
     best.offer(step, state, ex.config, evaluation, latest=ckpt)
 
 
+class StepProfiler:
+    """config.profile_steps "START:END": a jax.profiler trace of those train steps, written to
+    WORKDIR/profile (TensorBoard's profile tab reads it; Perfetto reads its trace.json.gz).
+    Steps are dispatched asynchronously, so the trace ends once step END has finished."""
+
+    def __init__(self, spec: str, workdir: str):
+        self.steps = config_lib.profile_step_range(spec)
+        self.directory = os.path.join(workdir, "profile")
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+
+    def after(self, step: int, state: TrainState) -> None:
+        if self.tracing and (step == self.steps[1]):
+            self.stop(state)
+
+    def stop(self, state: TrainState) -> None:
+        """End the trace (at step END, or when the loop ends first)."""
+        if self.tracing:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.tracing = False
+            logging.info("profile of train steps %d to %d written to %s (TensorBoard's "
+                         "profile tab, or Perfetto)", *self.steps, self.directory)
+
+
 def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLogger,
           best: checkpoints.BestCheckpoint, ckpt: checkpoints.Checkpointer) -> TrainState:
     """The loop.
@@ -372,6 +414,7 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
     """
     config, total_steps, steps_per_epoch = ex.config, ex.total_steps, ex.steps_per_epoch
     window = []  # the values of the steps read since the last train row
+    data_wait = [0.0]  # seconds spent waiting for input batches since the last train row
 
     def finish(step: int, metrics: dict) -> None:
         values = _read_step(step, metrics)
@@ -381,7 +424,14 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
             for key in ("loss", "train_top1"):
                 values[key] = sum(v[key] for v in window) / len(window)
             window.clear()
-            logger.write_train(step, values)
+            logger.write_train(step, values, data_wait_seconds=data_wait[0])
+            data_wait[0] = 0.0
+
+    def next_batch() -> dict:
+        waited_from = time.perf_counter()
+        batch = next(batches)
+        data_wait[0] += time.perf_counter() - waited_from
+        return batch
 
     batches = ex.train_batches(start_step)
     first = next(batches)  # _train calls the loop only with steps left
@@ -392,9 +442,12 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
     logger.restart_clock(start_step)
     batches = itertools.chain([first], batches)
     unread = None  # (step, metrics) dispatched but not yet read
+    profiler = StepProfiler(config.profile_steps, os.path.dirname(logger.path))
     with checkpoints.PreemptionWatch() as preemption:
         for step in range(start_step + 1, total_steps + 1):  # `step`: updates done after it
-            state, metrics = train_step(state, next(batches))
+            profiler.before(step)
+            state, metrics = train_step(state, next_batch())
+            profiler.after(step, state)
             if unread is not None:
                 finish(*unread)
             unread = (step, metrics)
@@ -422,4 +475,5 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
                 logging.warning("preempted: saved the checkpoint at step %d; rerun the "
                                 "same command to resume", step)
                 break
+    profiler.stop(state)
     return state

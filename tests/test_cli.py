@@ -1,5 +1,6 @@
 """The public command, started as a user would: python -m lbsgd.main --config=... --workdir=..."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lbsgd.datasets import imagenet, load_dataset
 from tests.helpers import (
@@ -56,7 +58,14 @@ def test_demo_gradual_warmup_reaches_the_scaled_rate_at_the_end_of_epoch_one(tmp
     assert (tmp_path / "checkpoints" / str(2 * steps_per_epoch)).is_dir()
     events = event_accumulator.EventAccumulator(str(tmp_path))
     events.Reload()
-    assert {"loss", "lr", "eval_top1"} <= set(events.Tags()["tensors"])
+    tags = set(events.Tags()["tensors"])
+    assert {"train/loss", "train/lr", "perf/data_wait", "eval/top1", "eval/top5"} <= tags
+    assert not {"epoch", "train/epoch", "loss"} & tags
+    # The config, once, through TensorBoard's hparams plugin.
+    session = plugin_data_pb2.HParamsPluginData.FromString(events.SummaryMetadata(
+        "_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert session.hparams["global_batch_size"].number_value == 512
+    assert session.hparams["warmup"].string_value == "gradual"
     assert "ETA" in result.stderr  # the progress line
 
 
@@ -161,3 +170,24 @@ def test_bs256_runs_through_the_command_on_a_folder_of_jpegs(tmp_path):
                        config="configs/bs256.py")
     assert result.returncode == 0, result.stderr[-3000:]
     _finite_training(tmp_path / "run", steps=2)
+
+
+def test_print_config_shows_the_resolved_values_with_their_comments():
+    """--print_config: every field of the resolved config (file + overrides), each value
+    readable back as Python, beside its comment from lbsgd/config.py; no workdir needed."""
+    from configs import demo
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lbsgd.main", "--config=configs/demo.py", "--print_config",
+         "--config.seed=7"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = demo.get_config()
+    expected.seed = 7
+    printed = {}
+    for line in result.stdout.splitlines():
+        if " = " in line and not line.startswith("#"):
+            name, value = line.split(" = ", 1)
+            printed[name] = ast.literal_eval(value.split("  #")[0])
+    assert printed == expected.to_dict()
+    assert ("global_batch_size = 512  # kn: the learning rate follows it (linear scaling rule)"
+            in result.stdout)

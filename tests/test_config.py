@@ -1,6 +1,7 @@
 """Start-up validation: impossible configs stop with every problem named, and the fix."""
 
 import importlib
+import json
 import logging
 
 import jax
@@ -129,3 +130,16 @@ def test_batch_larger_than_the_training_set_is_refused():
     with pytest.raises(DataError, match="global_batch_size 8192 is larger than the 4000 "
                        "training images: .* use a global_batch_size of at most 4000"):
         train.setup(config, train.parallel.make_mesh(jax.devices()[:1]))
+
+
+def test_a_field_added_after_a_checkpoint_counts_as_its_default_on_resume():
+    """A checkpoint's saved config lacks fields added to lbsgd later: a resume reads them as
+    their defaults (the behaviour before they existed), so only a real change is refused."""
+    from lbsgd.checkpoints import changed_fields
+
+    config = tiny_config()
+    saved = json.loads(json.dumps(config.to_dict()))
+    del saved["grad_reduce_dtype"]
+    assert changed_fields(saved, config) == {}
+    config.grad_reduce_dtype = "bfloat16"
+    assert changed_fields(saved, config) == {"grad_reduce_dtype": ("float32", "bfloat16")}

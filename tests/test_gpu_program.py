@@ -77,3 +77,21 @@ def test_every_convolution_is_a_cudnn_call_on_bf16(program):
           f"kernels, {summary['transposes']} transposes ({summary['transpose_bytes']:,} B), "
           f"{len(activation)} of activations ({sum(t['bytes'] for t in activation):,} B): "
           + ", ".join(f"{t['dtype']}{t['shape']}" for t in activation))
+
+
+@pytest.mark.slow
+def test_a_bfloat16_reduction_sends_bfloat16_gradients_on_gpus():
+    """--config.grad_reduce_dtype=bfloat16 is what the GPU program does: every gradient
+    all-reduced in bf16, half the float32 bytes."""
+    config = default_config()
+    config.update(model="resnet50", image_size=64, dtype="bfloat16", dataset="synthetic",
+                  global_batch_size=PER_DEVICE * 8, eval_batch_size=PER_DEVICE * 8,
+                  grad_reduce_dtype="bfloat16")
+    _, state, compiled = gpu_program.compile_train_step(config, devices=8)
+    collectives = hlo.parse_collectives(compiled.as_text())
+    reduced = [t for c in collectives for t in c.get("parts", c["tensors"]) if t["shape"]]
+    assert {t["dtype"] for t in reduced} == {"bf16"}
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    split = attribute(collectives, state.params)
+    assert split["gradient_allreduce_bytes"] == (param_bytes
+                                                 - _shortcut_beta_bytes(state.params)) // 2

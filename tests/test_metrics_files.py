@@ -42,7 +42,16 @@ def _scalars(workdir) -> list[tuple[str, int, float]]:
 
     return [(value.tag, event.step, float(tensor_util.make_ndarray(value.tensor)))
             for path in _event_files(workdir) for event in EventFileLoader(str(path)).Load()
-            for value in event.summary.value]
+            for value in event.summary.value
+            if value.metadata.plugin_data.plugin_name == "scalars"]
+
+
+# metrics.jsonl's columns and their TensorBoard tags, grouped by section ("epoch" and "time"
+# are not curves).
+TAGS = {"loss": "train/loss", "train_top1": "train/top1", "lr": "train/lr",
+        "grad_norm": "train/grad_norm", "images_per_sec": "perf/images_per_sec",
+        "data_wait": "perf/data_wait", "eval_top1": "eval/top1", "eval_top5": "eval/top5",
+        "eval_loss": "eval/loss"}
 
 
 def _files(workdir) -> dict[str, bytes]:
@@ -97,11 +106,11 @@ def test_after_a_kill_tensorboard_shows_each_step_once_with_the_metrics_jsonl_va
     assert "resuming from the checkpoint at step" in stderr
     rows = metrics_rows(workdir)  # every line parses: the torn one was dropped
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 25))
-    expected = sorted((key, row["step"], value) for row in rows for key, value in row.items()
-                      if key not in ("step", "time"))
+    expected = sorted((TAGS[key], row["step"], value) for row in rows
+                      for key, value in row.items() if key not in ("step", "epoch", "time"))
     scalars = _scalars(workdir)
     found = sorted(scalars)
-    # The same (tag, step) pairs, as many times each: "epoch" is on step 24's train and eval rows.
+    # The same (tag, step) pairs, as many times each.
     assert [(tag, step) for tag, step, _ in found] == [(tag, step) for tag, step, _ in expected]
     np.testing.assert_allclose([v for *_, v in found], [v for *_, v in expected], rtol=1e-6)
     # TensorBoard reads the files in name order: each tag's steps must come in order too.

@@ -31,7 +31,8 @@ RUN = ("--config.global_batch_size=64", "--config.bn_group_size=8", "--config.ma
 
 def _trajectory(rows):
     """Everything on a row but wall-clock readings."""
-    return [{k: v for k, v in row.items() if k not in ("images_per_sec", "time")} for row in rows]
+    clock = ("images_per_sec", "data_wait", "time")
+    return [{k: v for k, v in row.items() if k not in clock} for row in rows]
 
 
 def _readable_rows(workdir):
@@ -215,6 +216,9 @@ def test_ctrl_c_saves_and_exits_130_and_a_glob_path_resumes(tmp_path, reference)
     saved = int(re.search(r"lbsgd: interrupted: saved the checkpoint at step (\d+); rerun the "
                           r"same command to resume", log).group(1))
     assert _checkpoint_steps(workdir)[-1] == saved and metrics_rows(workdir)[-1]["step"] == saved
+    # What this sitting did, before the one-line exit.
+    assert re.search(rf"stopped \(rerun the same command to resume\): no evaluation \| "
+                     rf"trained steps 1 to {saved} \({saved} steps\)", log), log[-2000:]
 
     result = run_lbsgd(workdir, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]

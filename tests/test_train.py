@@ -87,6 +87,26 @@ def test_train_step_equals_a_loop_over_workers():
                  jax.device_get(new_state.batch_stats), reference_stats)
 
 
+def test_a_bfloat16_gradient_reduction_rounds_the_gradients_only():
+    """grad_reduce_dtype=bfloat16: the update is the float32 one up to bf16's rounding of the
+    summed gradients (8 significant bits: relative error <= 2^-8 per element), not equal."""
+    config = tiny_config(global_batch_size=128, warmup="none", weight_decay=0.0)
+    exact = _run(config, jax.devices(), steps=1)[1]
+    config.grad_reduce_dtype = "bfloat16"
+    rounded = _run(config, jax.devices(), steps=1)[1]
+    # The first update is -lr * gradient (zero momentum buffer): compare the parameter changes.
+    before = train.setup(config, parallel.make_mesh()).init_state().params
+    step = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), exact.params, before)
+    step_rounded = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), rounded.params,
+                                before)
+    flat, flat_rounded = (np.concatenate([x.ravel() for x in jax.tree.leaves(t)])
+                          for t in (step, step_rounded))
+    assert not np.array_equal(flat, flat_rounded)
+    # 8 devices' bf16 partial sums, each rounded once, then summed (in bf16 on the wire):
+    # a few ulps of bf16 relative to the largest part; here bounded by 4 * 2^-8 of the scale.
+    np.testing.assert_allclose(flat_rounded, flat, atol=4 * 2**-8 * np.abs(flat).max())
+
+
 @pytest.mark.parametrize("devices", [1, 8])
 def test_gradient_accumulation_is_the_same_step(devices):
     """Per-worker BN makes microbatches of whole groups independent: accumulating 2 of them is
@@ -115,7 +135,9 @@ def test_microbatch_size_that_does_not_divide_names_the_fix():
                                                      ("float32", 64)])
 def test_only_collective_is_the_gradient_all_reduce(dtype, microbatch_size):
     """BN costs no communication: the 8-device step all-reduces the gradients once (also when
-    it accumulates microbatches) and nothing else."""
+    it accumulates microbatches), in float32, and nothing else. (A bfloat16 reduction is
+    checked in the GPU program, tests/test_gpu_program.py: XLA:CPU sums every bf16
+    all-reduce in f32, so the CPU program cannot show it.)"""
     config = tiny_config(dtype=dtype, global_batch_size=128, microbatch_size=microbatch_size)
     ex = train.setup(config, parallel.make_mesh())
     batch = next(ex.train_batches())
@@ -128,6 +150,7 @@ def test_only_collective_is_the_gradient_all_reduce(dtype, microbatch_size):
     params = ex.init_state().params
     gradients = collections.Counter(tuple(x.shape) for x in jax.tree.leaves(params))
     assert not reduced - gradients  # nothing but gradients, none twice (once per microbatch)
+    assert {t["dtype"] for t in tensors if t["shape"]} == {"f32"}
     # XLA reduces equal gradients once: a projection shortcut's BN beta gets exactly the
     # gradient of the block's last BN beta (both are added into the block's output).
     shortcut_betas = collections.Counter(

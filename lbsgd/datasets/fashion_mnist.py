@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lbsgd.datasets.preparation import check_one_process, prepare_command, prepare_config
+from lbsgd.datasets.preparation import check_one_process, prepare, prepare_command
 from lbsgd.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -134,5 +134,5 @@ def load(data_dir: str, *, manual_dir: str, multi_process: bool) -> LbsgdFashion
     check_one_process("fashion_mnist", data_dir, multi_process)
     logging.info("Preparing fashion_mnist in %s from %s (once; %s does the same)", data_dir,
                  found[0], prepare_command("fashion_mnist", data_dir))
-    builder.download_and_prepare(download_config=prepare_config(manual_dir=str(found[0])))
+    prepare(builder, manual_dir=str(found[0]))
     return builder

@@ -32,8 +32,8 @@ from PIL import Image
 from lbsgd.datasets.preparation import (
     check_one_process,
     preparation_lock,
+    prepare,
     prepare_command,
-    prepare_config,
     remove_incomplete,
 )
 from lbsgd.errors import DataError
@@ -386,7 +386,7 @@ def _prepare(root: Path, *, data_dir: str, skip_corrupt: bool,
                      earlier[-1], builder.data_dir)
     else:
         logging.info("Converting %s to ArrayRecord files in %s (once)", root, builder.data_dir)
-    builder.download_and_prepare(download_config=prepare_config())
+    prepare(builder)
     return builder
 
 

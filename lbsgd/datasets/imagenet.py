@@ -10,7 +10,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lbsgd.datasets.preparation import check_one_process, prepare_command, prepare_config
+from lbsgd.datasets.preparation import check_one_process, prepare, prepare_command
 from lbsgd.errors import DataError
 
 # The official archives and their sizes in bytes: a smaller file is an unfinished download.
@@ -51,7 +51,7 @@ def load(data_dir: str, *, multi_process: bool, manual_dir: str = "") -> tfds.co
                 f"    {command}")
         check_one_process("imagenet2012", data_dir, multi_process)
         logging.warning("Preparing imagenet2012 in %s from %s: hours, once", data_dir, manual_dir)
-        builder.download_and_prepare(download_config=prepare_config(manual_dir=manual_dir))
+        prepare(builder, manual_dir=manual_dir)
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
         raise DataError(
             f"imagenet2012 in {builder.data_dir} is stored as {builder.info.file_format.value}, "

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lbsgd.datasets.preparation import prepare_config
+from lbsgd.datasets.preparation import prepare
 
 TRAIN_PER_DIGIT = 400  # of the 500 images of each digit; the last 100 evaluate
 
@@ -63,5 +63,5 @@ def load(data_dir: str) -> LbsgdMlxtendMnist:
     """The prepared demo dataset, written on first use (seconds, offline)."""
     builder = LbsgdMlxtendMnist(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        builder.download_and_prepare(download_config=prepare_config())
+        prepare(builder)
     return builder

@@ -4,6 +4,7 @@ processes prepare while the others wait."""
 
 import contextlib
 import fcntl
+import io
 import os
 import shutil
 import socket
@@ -26,6 +27,19 @@ def prepare_config(**kwargs) -> tfds.download.DownloadConfig:
     nothing here uses it)."""
     return tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP,
                                         try_download_gcs=False, **kwargs)
+
+
+def prepare(builder: tfds.core.DatasetBuilder, **download_config) -> None:
+    """`builder.download_and_prepare`, offline, saying what happens in our words. TFDS prints
+    "Downloading and preparing dataset Unknown size ..." and "... downloaded and prepared"
+    (nothing is downloaded: every lbsgd dataset is built from local files, and TFDS knows no
+    size before it has written them); those go to stdout, which is kept from the console
+    during the preparation. Its progress bars (stderr) stay: ImageNet's takes hours."""
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(download_config=prepare_config(**download_config))
+    logging.info("prepared %s in %s (%.0f s, from local files); later runs read it from there",
+                 builder.name, builder.data_dir, time.perf_counter() - started)
 
 
 def prepare_command(dataset: str, data_dir: str) -> str:
