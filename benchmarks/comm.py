@@ -41,15 +41,16 @@ VARIANTS = ("lbsgd", "baseline", "baseline_global_bn")
 HLO_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
 
 
-def attribute(collectives: list[dict], params) -> dict:
+def attribute(collectives: list[dict], params, reduce_dtype: str | None = None) -> dict:
     """Split the bytes: the gradient is the all-reduced tensors that match the parameter shapes
-    one for one, the metrics the rank-0 tensors, and the rest is charged to BatchNorm, the only
-    other state or computation that spans devices here (README, section 2, has the caveat)."""
+    (in `reduce_dtype`, default the parameters' own: config.grad_reduce_dtype) one for one, the
+    metrics the rank-0 tensors, and the rest is charged to BatchNorm, the only other state or
+    computation that spans devices here (README, section 2, has the caveat)."""
 
     def key(dtype: str, shape) -> tuple:  # up to size-1 axes and axis order: XLA may reduce
         return dtype, tuple(sorted(d for d in shape if d != 1))  # [C] as [1, 1, C], transpose
 
-    wanted = collections.Counter(key(HLO_DTYPE[x.dtype.name], x.shape)
+    wanted = collections.Counter(key(HLO_DTYPE[reduce_dtype or x.dtype.name], x.shape)
                                  for x in jax.tree.leaves(params))
     gradient = scalars = other = 0
     for c in collectives:

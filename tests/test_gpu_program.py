@@ -92,6 +92,6 @@ def test_a_bfloat16_reduction_sends_bfloat16_gradients_on_gpus():
     reduced = [t for c in collectives for t in c.get("parts", c["tensors"]) if t["shape"]]
     assert {t["dtype"] for t in reduced} == {"bf16"}
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
-    split = attribute(collectives, state.params)
+    split = attribute(collectives, state.params, "bfloat16")
     assert split["gradient_allreduce_bytes"] == (param_bytes
                                                  - _shortcut_beta_bytes(state.params)) // 2
