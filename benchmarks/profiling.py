@@ -9,6 +9,11 @@ depends on the platform:
 - TPU (and GPU traces that only carry XLA's op line): the "XLA Ops" line of the device plane;
 - CPU: XLA's thunks on the host's threads, the events that carry an `hlo_op` statistic
   (fusions, convolutions, copies: what XLA's CPU runtime executes in place of kernels).
+
+While the profiler runs, XLA's GPU runtime launches each kernel on its own instead of
+replaying CUDA graphs (its flag xla_enable_command_buffers_during_profiling is false by
+default): each kernel's time is its own, but a profiled step is not the timed step, whose
+launch gaps the graphs shorten.
 """
 
 import collections
