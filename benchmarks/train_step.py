@@ -186,11 +186,16 @@ class Stepper:
             "mfu": flops / median / (peak_tflops * 1e12) if flops and peak_tflops else None,
             "xla_memory_bytes_per_device": xla_bytes,
             "peak_memory_bytes": xla_bytes if device_peak is None else device_peak,
-            "peak_memory_source": (
-                "xla: memory_analysis(), argument + output + temp - alias, one device"
-                if device_peak is None else "device: memory_stats() peak_bytes_in_use less "
-                "the bytes in use before this step's state existed, the most of any device"),
+            "peak_memory_source": self._memory_source(device_peak),
         }
+
+    def _memory_source(self, device_peak: int | None) -> str:
+        if device_peak is not None:
+            return ("device: memory_stats() peak_bytes_in_use less the bytes in use before "
+                    "this step's state existed, the most of any device")
+        why = ("the device keeps no statistics" if self.memory_after is None
+               else "the device's high-water mark was an earlier program's")
+        return f"xla: memory_analysis(), argument + output + temp - alias, one device ({why})"
 
 
 def peak_tflops(args, device_kind: str) -> tuple[float | None, str | None]:

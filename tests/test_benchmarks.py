@@ -18,7 +18,7 @@ import jax
 import pytest
 
 from benchmarks import common, scaling
-from benchmarks.train_step import make_baseline
+from benchmarks.train_step import _device_peak, make_baseline
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "cifar_resnet8", "--image_size", "16", "--per_device_batch", "8",
@@ -93,6 +93,15 @@ def test_train_step_prints_one_json_object_with_lbsgd_and_baseline(tmp_path):
         assert sum(k["share"] for k in kernels) <= 1
         assert sum(times) <= timing["kernel_ms_per_step"] * (1 + 1e-9)
     assert row["ratio_images_per_sec"] > 0
+
+
+def test_device_peak_is_the_rise_of_the_high_water_mark_over_what_was_in_use():
+    before = [{"bytes_in_use": 100, "peak_bytes_in_use": 150},
+              {"bytes_in_use": 120, "peak_bytes_in_use": 150}]
+    assert _device_peak(before, [{"peak_bytes_in_use": 400}, {"peak_bytes_in_use": 380}]) == 300
+    # A mark that did not rise on every device is an earlier program's: no figure.
+    assert _device_peak(before, [{"peak_bytes_in_use": 400}, {"peak_bytes_in_use": 150}]) is None
+    assert _device_peak(None, None) is None  # a CPU keeps no statistics
 
 
 @pytest.mark.slow
