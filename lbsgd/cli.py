@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from absl import logging
 
+from lbsgd import hide_gpus_from_tensorflow
 from lbsgd.errors import LbsgdError
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -55,9 +56,7 @@ def run(command: Callable):
     writers) kept off the accelerators JAX uses; an LbsgdError ends the process with its one
     line and exit code instead of a traceback."""
     logging.get_absl_handler().addFilter(OwnInfoOnly())
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
+    hide_gpus_from_tensorflow()  # before the command imports anything that runs TF
     try:
         return command()
     except LbsgdError as e:

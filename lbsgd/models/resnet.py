@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lbsgd.models import pooling
+
 # Sec. 5.1: "MSRA" init with fan_out, a plain (not truncated) normal distribution.
 CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # Sec. 5.1: the final fully-connected layer is drawn from N(0, 0.01^2).
@@ -172,7 +174,7 @@ class ResNet(nnx.Module):
         x = x.astype(self.dtype)
         x = nnx.relu(self.stem_bn(self.stem_conv(x), train=train))
         if self.pool_stride > 1:
-            x = nnx.max_pool(x, (3, 3), strides=(self.pool_stride,) * 2, padding=((1, 1), (1, 1)))
+            x = pooling.max_pool(x, self.pool_stride)
         for block in self.blocks:
             x = block(x, train=train)
         # Average in float32 so a bf16 model does not lose precision over H*W values.
