@@ -1,10 +1,18 @@
 """The gradient noise scale (lbsgd/noise_scale.py, McCandlish et al. 2018, App. A): the
-estimator against closed forms and sampled regression problems, and its running average."""
+estimator against closed forms and sampled regression problems, its running average, and the
+probed train step against the plain step and a loop over the workers."""
 
+import collections
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from tensorboard.backend.event_processing import event_accumulator
 
-from lbsgd import noise_scale
+from lbsgd import hlo, models, noise_scale, parallel, train
+from tests.helpers import metrics_rows, run_lbsgd, tiny_config
 
 
 def _parts(per_example: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,3 +130,136 @@ def test_ratio_is_left_out_while_the_averaged_gradient_is_not_positive():
     assert estimate.grad_squared < 0
     assert noise_scale.NOISE_SCALE not in estimate.columns()
     assert noise_scale.TRACE in estimate.columns()
+
+
+def test_last_train_row_is_the_resumes(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 1.0, "noise_scale_probes": 1}\n'
+                    '{"step": 4, "loss": 1.0, "noise_scale_probes": 2}\n'
+                    '{"step": 4, "eval_top1": 0.5}\n'
+                    '{"step": 6, "loss": 1.0, "noise_scale_probes": 3}\n')
+    assert train.last_train_row(str(path), 5)["noise_scale_probes"] == 2
+    assert train.last_train_row(str(path), 1) is None
+    assert train.last_train_row(str(tmp_path / "none.jsonl"), 5) is None
+
+
+def _same_update(a, b):
+    for tree in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                     getattr(a, tree), getattr(b, tree))
+
+
+CONFIG = dict(global_batch_size=64, bn_group_size=8, warmup="none", weight_decay=1e-3,
+              noise_scale_every_steps=3)
+
+
+@pytest.fixture(scope="module")
+def steps():
+    """One batch of 8 workers of n = 8: the plain step on one device, and the probed step on
+    4 devices with PROBE_GRADIENT_BYTES so small that a slice holds one worker's gradient
+    (each device's 2 workers in 2 slices, as microbatch_size=32 would also make), compiled
+    ahead of time as the loop compiles it. (One device's probe would need a compile more.)"""
+    config = tiny_config(**CONFIG)
+    plain_ex = train.setup(config, parallel.make_mesh(jax.devices()[:1]))
+    batch = jax.device_get(next(plain_ex.train_batches()))
+    state = jax.device_get(plain_ex.init_state())  # host arrays: each step shards its copy
+    plain = jax.device_get(plain_ex.train_step(state, batch))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "PROBE_GRADIENT_BYTES", 1)
+        ex = train.setup(config, parallel.make_mesh(jax.devices()[:4]))
+        probe = ex.probe_step.lower(state, batch).compile()
+    probed = jax.device_get(probe(state, batch))
+    return plain_ex, state, batch, plain, probe, probed
+
+
+def test_probe_slices_are_bounded_by_gradient_memory(monkeypatch):
+    config = tiny_config(**CONFIG)
+    assert train.probe_microbatches(config, 4, param_count=78_000) == 1  # 2 x 312 KB fit
+    assert train.probe_microbatches(tiny_config(**CONFIG, microbatch_size=32), 4, 78_000) == 2
+    monkeypatch.setattr(train, "PROBE_GRADIENT_BYTES", 4 * 78_000)  # one worker's gradient
+    assert train.probe_microbatches(config, 4, param_count=78_000) == 2
+    assert train.probe_microbatches(config, 1, param_count=78_000) == 8
+
+
+def test_probe_is_the_plain_step_and_measures_each_workers_gradient(steps):
+    """The probed step's update is the plain step's (the mean of the workers' gradients is the
+    step's gradient, Remark 3), whatever its devices and slices; S_big is |the plain step's
+    data gradient|^2 and S_small the mean |g_j|^2 of the 8 workers, each differentiated on
+    its own with its own BN."""
+    ex, state, batch, (plain_state, plain), _, (probed_state, probed) = steps
+    _same_update(probed_state, plain_state)
+    np.testing.assert_allclose(probed["loss"], plain["loss"], rtol=1e-6)
+    assert probed["train_top1"] == plain["train_top1"]
+    np.testing.assert_allclose(probed["s_big"], plain["grad_norm"] ** 2, rtol=1e-5)
+    assert "s_small" not in plain
+
+    n = ex.config.bn_group_size
+    worker = models.create_model(ex.config.model, num_classes=10, in_channels=1,
+                                 norm=models.grouped_norm(group_size=n))
+    graphdef = nnx.split(worker)[0]
+
+    @jax.jit
+    def worker_grad(stats, images, labels):
+        def loss(params):
+            model = nnx.merge(graphdef, params, stats)
+            return train.cross_entropy(model(images, train=True), labels).mean()
+        return jax.grad(loss)(state.params)
+
+    images = train.normalize(jnp.asarray(batch["image"]), ex.dataset, jnp.float32)
+    grads = []
+    for w in range(ex.config.global_batch_size // n):
+        rows = slice(w * n, (w + 1) * n)
+        g = worker_grad(jax.tree.map(lambda x, w=w: x[w:w + 1], state.batch_stats),
+                        images[rows], batch["label"][rows])
+        grads.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]))
+    grads = np.array(grads, dtype=np.float64)
+    np.testing.assert_allclose(probed["s_small"], np.mean(np.sum(grads ** 2, axis=1)),
+                               rtol=1e-5)
+    mean = grads.mean(axis=0)
+    np.testing.assert_allclose(probed["s_big"], mean @ mean, rtol=1e-5)
+    assert probed["s_small"] > 2 * probed["s_big"]  # the workers' gradients do differ
+
+
+def test_probe_all_reduces_each_gradient_once_and_three_scalars(steps):
+    _, _, _, (plain_state, _), probe, _ = steps
+    collectives = hlo.parse_collectives(probe.as_text())
+    assert {c["op"] for c in collectives} == {"all-reduce"}, collectives
+    tensors = [t for c in collectives for t in c["tensors"]]
+    reduced = collections.Counter(tuple(t["shape"]) for t in tensors if t["shape"])
+    gradients = collections.Counter(tuple(x.shape) for x in jax.tree.leaves(plain_state.params))
+    assert not reduced - gradients  # nothing but gradients, none twice
+    assert len([t for t in tensors if not t["shape"]]) <= 3  # loss, top-1, sum of |g_j|^2
+
+
+def test_probe_off_builds_the_plain_step_only():
+    """With the probe on, the plain steps between probes are the very program of a run without
+    it (the same lowered HLO), and a run without it builds no probe."""
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    off = train.setup(tiny_config(**{**CONFIG, "noise_scale_every_steps": 0}), mesh)
+    on = train.setup(tiny_config(**CONFIG), mesh)
+    assert off.probe_step is None and on.probe_step is not None
+    state, batch = jax.eval_shape(off.init_state), next(off.train_batches())
+    assert off.train_step.lower(state, batch).as_text() == on.train_step.lower(
+        state, batch).as_text()
+
+
+@pytest.mark.slow
+def test_command_logs_the_noise_scale(tmp_path):
+    """The public command with --config.noise_scale_every_steps: probes at steps 2 and 4
+    (8 workers of n = 32 on 8 devices), each row carries the running averages and their ratio,
+    in metrics.jsonl and TensorBoard."""
+    result = run_lbsgd(tmp_path, "--config.global_batch_size=256", "--config.max_steps=4",
+                       "--config.log_every_steps=2", "--config.noise_scale_every_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "and the noise-scale probe (every 2 steps)" in result.stderr
+    rows = [r for r in metrics_rows(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert [r[noise_scale.PROBES] for r in rows] == [1, 2]
+    for row in rows:
+        assert row[noise_scale.TRACE] > 0 and np.isfinite(row[noise_scale.GRAD_SQUARED])
+        if row[noise_scale.GRAD_SQUARED] > 0:
+            assert row[noise_scale.NOISE_SCALE] == pytest.approx(
+                row[noise_scale.TRACE] / row[noise_scale.GRAD_SQUARED], rel=1e-12)
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {noise_scale.TRACE, noise_scale.GRAD_SQUARED} <= set(events.Tags()["tensors"])
