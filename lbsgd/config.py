@@ -26,11 +26,12 @@ DTYPES = ("float32", "bfloat16")
 # other field changes the trajectory, so a resume that changes it must say so on purpose
 # (checkpoints.py), and a report groups runs by all the other fields (report.py).
 # microbatch_size is among them: accumulation computes the same function (train.train_step),
-# equal up to float summation order, like a change of the number of devices.
+# equal up to float summation order, like a change of the number of devices; so is
+# noise_scale_every_steps, whose probed steps compute the same update from per-worker parts.
 RUN_ONLY_FIELDS = frozenset({
     "data_dir", "manual_dir", "input_threads", "microbatch_size", "eval_batch_size",
     "max_steps", "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
-    "keep_checkpoints", "resume_allow_changes", "profile_steps",
+    "keep_checkpoints", "resume_allow_changes", "profile_steps", "noise_scale_every_steps",
 })
 
 
@@ -95,6 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 1
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    # Every K-th step measures the gradient noise scale B_simple = tr(Sigma) / |G|^2 from the
+    # kn/n workers' own gradients (McCandlish et al. 2018, lbsgd/noise_scale.py), logged as
+    # noise_scale and its two parts; the update is the same. 0: off (the plain step only).
+    c.noise_scale_every_steps = 0
     # Comma-separated fields a resume may change on purpose (e.g. "num_epochs"); any other
     # change of a field that shapes the trajectory stops the resume with a message.
     c.resume_allow_changes = ""
@@ -153,6 +158,12 @@ def _layout_problems(c: ml_collections.ConfigDict, num_devices: int) -> list[str
             f"microbatch_size {micro} must be a multiple of bn_group_size {c.bn_group_size} x "
             f"{num_devices} devices (= {unit}) that divides global_batch_size "
             f"{c.global_batch_size}: use one of {divisors[:8]}, or 0 (no accumulation)")
+    if c.noise_scale_every_steps > 0 and c.global_batch_size < 2 * c.bn_group_size:
+        # Its two batch sizes are n and kn (McCandlish et al. 2018, App. A).
+        problems.append(
+            f"noise_scale_every_steps {c.noise_scale_every_steps} needs at least 2 BN workers "
+            f"to compare: global_batch_size {c.global_batch_size} must be >= 2 x "
+            f"bn_group_size {c.bn_group_size}, or set noise_scale_every_steps=0")
     if c.eval_batch_size <= 0 or c.eval_batch_size % num_devices:
         problems.append(f"eval_batch_size {c.eval_batch_size} must be a positive multiple of "
                         f"the {num_devices} devices")
@@ -225,6 +236,9 @@ def _recipe_problems(c: ml_collections.ConfigDict) -> list[str]:
     except (ValueError, TypeError):
         check(False, f"profile_steps {c.profile_steps!r} must be START:END with "
               "1 <= START <= END (train steps, e.g. 10:15), or empty")
+    check(c.noise_scale_every_steps >= 0,
+          f"noise_scale_every_steps {c.noise_scale_every_steps} must be >= 0 (0: off; K: "
+          "measure the gradient noise scale every K-th step, e.g. 20)")
     return problems
 
 

@@ -49,10 +49,13 @@ _TENSORBOARD_GROUPS = {"images_per_sec": "perf", "data_wait": "perf"}
 
 def tensorboard_tag(key: str) -> str | None:
     """The TensorBoard tag of a metrics.jsonl column, or None for columns kept off it:
-    eval_top1 -> eval/top1, train_top1 -> train/top1, loss -> train/loss, ..."""
+    eval_top1 -> eval/top1, train_top1 -> train/top1, loss -> train/loss,
+    noise_scale_trace -> noise_scale/trace, ..."""
     if key in ("step", "epoch", "time"):
         return None
-    for prefix in ("eval", "train"):
+    if key == "noise_scale":  # B_simple, beside its two parts noise_scale/grad_sq and /trace
+        return "noise_scale/b_simple"
+    for prefix in ("eval", "train", "noise_scale"):
         if key.startswith(prefix + "_"):
             return f"{prefix}/{key[len(prefix) + 1:]}"
     return f"{_TENSORBOARD_GROUPS.get(key, 'train')}/{key}"

@@ -9,8 +9,10 @@ is a duplicate, listed on its own line and never averaged; an unfinished run (it
 before the run's total steps, or no evaluation at that step) is listed on its own too. Writes
 `report.md`, `report.html`, and PNG plots: training error and eval error vs epochs (Figs. 2
 and 4), the learning-rate schedule vs iteration (drawn from each setting's config through
-`lbsgd.optim.learning_rate_schedule`, at every step), and final eval error vs kn (Fig. 1) when
-settings differ in kn. An unreadable or partial run is listed with the reason, never fatal.
+`lbsgd.optim.learning_rate_schedule`, at every step), final eval error vs kn (Fig. 1) when
+settings differ in kn, and the gradient noise scale B_simple vs epochs with the runs' kn
+marked, when runs measured it (`noise_scale_every_steps`). An unreadable or partial run is
+listed with the reason, never fatal.
 """
 
 import argparse
@@ -29,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lbsgd import noise_scale  # noqa: E402
 from lbsgd.config import RUN_ONLY_FIELDS  # noqa: E402
 from lbsgd.optim import learning_rate_schedule, scaled_learning_rate  # noqa: E402
 
@@ -296,6 +299,60 @@ def plot_learning_rate(settings: list[Setting], path: Path) -> None:
     _save(fig, ax, path)
 
 
+def noise_scale_curves(settings: list[Setting]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per setting that measured it (by legend): epochs and B_simple, from the rows' running
+    averages of |G|^2 and tr(Sigma), each averaged over the seeds before the ratio
+    (McCandlish et al. 2018, App. A: never a mean of ratios). Steps where |G|^2 <= 0 are left
+    out; so are steps not every seed logged."""
+    curves = {}
+    for s in settings:
+        by_step: dict[int, list[dict]] = {}
+        for run in s.runs:
+            for row in run.train:
+                if noise_scale.TRACE in row:
+                    by_step.setdefault(row["step"], []).append(row)
+        epochs, values = [], []
+        for _, rows in sorted(by_step.items()):
+            if len(rows) < len(s.runs):
+                continue
+            value = noise_scale.ratio(statistics.fmean(r[noise_scale.TRACE] for r in rows),
+                                      statistics.fmean(r[noise_scale.GRAD_SQUARED] for r in rows))
+            if math.isfinite(value):
+                epochs.append(rows[0]["epoch"])
+                values.append(value)
+        if epochs:
+            curves[s.legend] = (epochs, values)
+    return curves
+
+
+def plot_noise_scale(settings: list[Setting], path: Path) -> list[int]:
+    """B_simple against epochs, with each setting's kn marked (dashed, the curve's colour):
+    where a curve lies above a run's kn, that kn is below the critical batch size McCandlish
+    et al. predict. Returns the kn marked; skipped ([]) when no run measured the noise scale."""
+    curves = noise_scale_curves(settings)
+    if not curves:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    marked = set()
+    for s in settings:
+        if not s.runs:
+            continue
+        kn, color = s.config["global_batch_size"], None
+        if s.legend in curves:
+            epochs, values = curves[s.legend]
+            color = ax.plot(epochs, values, marker="o", markersize=2, label=s.legend)[0].get_color()
+        if kn not in marked:
+            marked.add(kn)
+            ax.axhline(kn, color=color or "gray", linestyle="--", linewidth=0.8)
+            ax.annotate(f"kn = {kn}", (1, kn), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize=7, color=color or "gray")
+    ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="B_simple = tr(Σ) / |G|² (images)",
+           title="Gradient noise scale vs epochs (dashed: the runs' kn)")
+    _save(fig, ax, path)
+    return sorted(marked)
+
+
 def plot_error_vs_batch(settings: list[Setting], path: Path) -> bool:
     """Fig. 1 style: final error against kn over settings that differ only in kn and in the
     warmup that goes with it (the recipe at kn <= 256 needs none); skipped unless each kn
@@ -368,6 +425,8 @@ def write_report(run_dirs: list[Path], out: Path) -> dict:
         plots = ["training_error.png", "eval_error.png", "learning_rate.png"]
         if plot_error_vs_batch(settings, out / "error_vs_batch.png"):
             plots.append("error_vs_batch.png")
+        if plot_noise_scale(settings, out / "noise_scale.png"):
+            plots.append("noise_scale.png")
     rows = table_rows(settings)
     separate = not_averaged(settings)
     (out / "report.md").write_text(_markdown(rows, problems, plots, separate))

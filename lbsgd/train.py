@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from lbsgd import checkpoints, input_pipeline, models, optim, parallel
+from lbsgd import checkpoints, input_pipeline, models, noise_scale, optim, parallel
 from lbsgd import config as config_lib
 from lbsgd import workdir as workdir_lib
 from lbsgd.datasets import Dataset, load_dataset
@@ -109,10 +109,37 @@ def _loss_and_grads(graphdef: nnx.GraphDef, params: dict, batch_stats: dict,
     return loss, jnp.sum(jnp.argmax(logits, axis=-1) == labels), new_stats, grads
 
 
+def _per_worker_loss_and_grads(graphdef: nnx.GraphDef, params: dict, batch_stats: dict,
+                               images: jax.Array, labels: jax.Array, group_size: int):
+    """`_loss_and_grads` of a batch of whole BN groups, from each group's own gradient g_j:
+    (mean loss, correct count, updated BN rows, mean_j g_j, sum_j |g_j|^2).
+
+    `graphdef` is the model for ONE group (one row of statistics); `jax.vmap` runs it over
+    the groups. Each group's loss is the mean over its n images, so the mean over groups of
+    the g_j is the gradient `_loss_and_grads` returns (Remark 3): the probe computes the
+    same update. Holds groups x parameters of float32 gradients at once
+    (`probe_microbatches` bounds the groups per call)."""
+    groups = labels.shape[0] // group_size
+
+    def split(x):  # [groups * size, ...] -> [groups, size, ...]
+        return x.reshape(groups, -1, *x.shape[1:])
+
+    def one_worker(stats, images, labels):  # stats: this group's rows, [1, C] each
+        return _loss_and_grads(graphdef, params, stats, images, labels)
+
+    losses, correct, stats, grads = jax.vmap(one_worker)(
+        jax.tree.map(split, batch_stats), split(images), split(labels))
+    squares = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
+    return (jnp.mean(losses), jnp.sum(correct),
+            jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), stats),
+            jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), squares)
+
+
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, learning_rate_fn: Callable,
                dataset: Dataset, dtype: Any, mesh: Mesh, microbatches: int = 1,
-               reduce_dtype: Any = jnp.float32) -> tuple[TrainState, dict]:
+               reduce_dtype: Any = jnp.float32,
+               probe_group_size: int = 0) -> tuple[TrainState, dict]:
     """One SGD update on the global batch: a pure function of (state, batch).
 
     Each device computes the gradient of its own rows (whole BN groups: BatchNorm needs
@@ -124,6 +151,12 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     1/M of the activation memory. The slices are an unrolled Python loop: a `lax.scan` was
     ~10x slower on XLA:CPU. The all-reduce sends the gradients in `reduce_dtype` (float32,
     the paper's arithmetic; bfloat16 halves the bytes) and the update is computed in float32.
+
+    With `probe_group_size` n > 0 (a probed step of the noise scale, lbsgd/noise_scale.py;
+    `graphdef` is then the model of ONE group) each slice takes each worker's gradient g_j
+    on its own (`_per_worker_loss_and_grads`), and the metrics add S_small = mean_j |g_j|^2
+    over all kn/n workers and S_big = |mean_j g_j|^2 of the data gradient (before weight
+    decay), in float32. The update is the same; sum_j |g_j|^2 rides in the one all-reduce.
     """
     kn = batch["label"].shape[0]
 
@@ -131,29 +164,34 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         def piece(x, m):
             return x.reshape(microbatches, -1, *x.shape[1:])[m]
 
-        parts = [_loss_and_grads(graphdef, params,
-                                 jax.tree.map(lambda x, m=m: piece(x, m), batch_stats),
-                                 piece(images, m), piece(labels, m))
-                 for m in range(microbatches)]
-        losses, correct, stats, grads = zip(*parts, strict=True)
+        def part(m):
+            args = (graphdef, params, jax.tree.map(lambda x: piece(x, m), batch_stats),
+                    piece(images, m), piece(labels, m))
+            if probe_group_size:
+                return _per_worker_loss_and_grads(*args, probe_group_size)
+            return _loss_and_grads(*args)
+
+        losses, correct, stats, grads, *squares = zip(*map(part, range(microbatches)),
+                                                      strict=True)
         # Remark 3: the loss is summed over all kn images and divided by kn (not by n). Each
         # part's mean covers kn / (devices x M) images, so the global mean is the sum of the
         # parts' means over devices x M.
         parts_in_all = mesh.size * microbatches
         summed = jax.tree.map(lambda *g: sum(g).astype(reduce_dtype), *grads)
-        total = jax.lax.psum((sum(losses), summed, sum(correct)), parallel.DATA_AXIS)
+        total = jax.lax.psum((sum(losses), summed, sum(correct), *map(sum, squares)),
+                             parallel.DATA_AXIS)
         loss = total[0] / parts_in_all
         grads = jax.tree.map(lambda g: g.astype(jnp.float32) / parts_in_all, total[1])
         batch_stats = jax.tree.map(lambda *rows: jnp.concatenate(rows), *stats)
-        return loss, grads, total[2] / kn, batch_stats
+        return loss, grads, total[2] / kn, batch_stats, total[3:]
 
     # check_vma=False: the parameters enter replicated, and JAX's check of varying axes would
     # make their backward pass all-reduce every gradient as it is computed (once per
     # microbatch); the one psum above is the step's reduction instead.
     rows, whole = PartitionSpec(parallel.DATA_AXIS), PartitionSpec()
-    loss, grads, top1, batch_stats = jax.shard_map(
+    loss, grads, top1, batch_stats, squares = jax.shard_map(
         device_part, mesh=mesh, in_specs=(whole, rows, rows, rows),
-        out_specs=(whole, whole, whole, rows), check_vma=False)(
+        out_specs=(whole, whole, whole, rows, whole), check_vma=False)(
         state.params, state.batch_stats, normalize(batch["image"], dataset, dtype),
         batch["label"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -163,6 +201,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         "lr": learning_rate_fn(state.step),  # the rate this update used
         "grad_norm": optax.tree.norm(grads),  # also catches an Inf gradient of a finite loss
     }
+    if probe_group_size:  # McCandlish et al. 2018, App. A: B_small = n, B_big = kn
+        metrics["s_small"] = squares[0] / (kn // probe_group_size)
+        metrics["s_big"] = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
@@ -197,6 +238,9 @@ class Experiment:
     init_state: Callable[[], TrainState]  # a fresh state, created in its shardings
     train_step: Callable  # jitted (state, global batch) -> (state, metrics); donates state
     eval_step: Callable  # jitted (state, padded global batch) -> sums
+    # train_step's twin for the noise scale's probed steps (metrics add s_small, s_big);
+    # None when noise_scale_every_steps is 0, and then nothing else differs.
+    probe_step: Callable | None = None
 
     def train_batches(self, start_step: int = 0):
         """Every global training batch from `start_step` on (Remark 4)."""
@@ -224,18 +268,48 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experi
     # Explicit shardings (pjit semantics, no pmap): XLA inserts the gradient all-reduce.
     batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     dtype = jnp.dtype(config.dtype)
+    step_fn = functools.partial(train_step, tx=tx, learning_rate_fn=learning_rate_fn,
+                                dataset=dataset, dtype=dtype, mesh=mesh,
+                                reduce_dtype=jnp.dtype(config.grad_reduce_dtype))
     train_fn = jax.jit(
-        functools.partial(train_step, graphdef=step_graphdef, tx=tx,
-                          learning_rate_fn=learning_rate_fn, dataset=dataset, dtype=dtype,
-                          mesh=mesh, microbatches=config.global_batch_size // microbatch,
-                          reduce_dtype=jnp.dtype(config.grad_reduce_dtype)),
+        functools.partial(step_fn, graphdef=step_graphdef,
+                          microbatches=config.global_batch_size // microbatch),
         in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
         donate_argnums=0)
+    probe_fn = None
+    if config.noise_scale_every_steps:
+        param_count = sum(x.size for x in jax.tree.leaves(jax.eval_shape(init_state).params))
+        # The probe's model is one BN worker's, vmapped over the groups of a slice.
+        group_graphdef = nnx.split(nnx.eval_shape(
+            lambda: build_model(config, dataset, config.bn_group_size)))[0]
+        probe_fn = jax.jit(
+            functools.partial(step_fn, graphdef=group_graphdef,
+                              probe_group_size=config.bn_group_size,
+                              microbatches=probe_microbatches(config, mesh.size, param_count)),
+            in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
+            donate_argnums=0)
     eval_fn = jax.jit(
         functools.partial(eval_step, graphdef=graphdef, dataset=dataset, dtype=dtype),
         in_shardings=(shardings, batch), out_shardings=replicated)
     return Experiment(config, mesh, dataset, steps_per_epoch, total_steps, learning_rate_fn,
-                      init_state, train_fn, eval_fn)
+                      init_state, train_fn, eval_fn, probe_fn)
+
+
+# What the per-worker gradients of a probed step may hold at once on a device, beyond the
+# plain step: they are (groups of a slice) x (parameters) float32 numbers.
+PROBE_GRADIENT_BYTES = 1 << 30
+
+
+def probe_microbatches(config: ml_collections.ConfigDict, num_devices: int,
+                       param_count: int) -> int:
+    """Slices per device of a probed step: the plain step's, split further until a slice's
+    per-worker gradients fit PROBE_GRADIENT_BYTES (at least one worker per slice). Per-worker
+    BN makes any split into whole groups the same function (as for microbatch_size)."""
+    groups = config.global_batch_size // (config.bn_group_size * num_devices)  # per device
+    microbatch = config.microbatch_size or config.global_batch_size
+    per_slice = microbatch // (config.bn_group_size * num_devices)  # the plain step's
+    most = max(1, PROBE_GRADIENT_BYTES // (4 * param_count))  # float32 gradients
+    return groups // max(d for d in range(1, per_slice + 1) if per_slice % d == 0 and d <= most)
 
 
 def evaluate(ex: Experiment, state: TrainState) -> dict[str, float]:
@@ -283,6 +357,16 @@ def eval_row(workdir: str, step: int) -> dict[str, float] | None:
         rows = [json.loads(line) for line in f if line.strip()]
     found = [r for r in rows if r["step"] == step and "eval_top1" in r]
     return {k: found[-1][k] for k in EVAL_KEYS} if found else None
+
+
+def last_train_row(path: str, step: int) -> dict | None:
+    """The last train row at or before `step` of a metrics.jsonl (None if none)."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    found = [r for r in rows if r["step"] <= step and "loss" in r]
+    return found[-1] if found else None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -415,16 +499,26 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
     config, total_steps, steps_per_epoch = ex.config, ex.total_steps, ex.steps_per_epoch
     window = []  # the values of the steps read since the last train row
     data_wait = [0.0]  # seconds spent waiting for input batches since the last train row
+    probe_every = config.noise_scale_every_steps
+    # The noise scale's running averages continue from the last train row the resume kept.
+    noise = noise_scale.RunningEstimate(small=config.bn_group_size,
+                                        big=config.global_batch_size,
+                                        population=len(ex.dataset.train))
+    noise.resume_from(last_train_row(logger.path, start_step) if probe_every else None)
 
     def finish(step: int, metrics: dict) -> None:
         values = _read_step(step, metrics)
+        if "s_small" in values:  # a probed step
+            noise.add(values.pop("s_small"), values.pop("s_big"))
         window.append(values)
         if step % config.log_every_steps == 0 or step == total_steps:
-            # loss and train_top1: means over the logging window; lr, grad_norm: this step's.
+            # loss and train_top1: means over the logging window; lr, grad_norm: this step's;
+            # the noise scale's parts: running averages over the probed steps so far.
             for key in ("loss", "train_top1"):
                 values[key] = sum(v[key] for v in window) / len(window)
             window.clear()
-            logger.write_train(step, values, data_wait_seconds=data_wait[0])
+            logger.write_train(step, {**values, **noise.columns()},
+                               data_wait_seconds=data_wait[0])
             data_wait[0] = 0.0
 
     def next_batch() -> dict:
@@ -438,7 +532,10 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
     logging.info("compiling the train step for %d devices ...", ex.mesh.size)
     compile_start = time.perf_counter()
     train_step = ex.train_step.lower(state, first).compile()
-    logging.info("compiled the train step in %.1f s", time.perf_counter() - compile_start)
+    probe_step = ex.probe_step and ex.probe_step.lower(state, first).compile()
+    logging.info("compiled the train step%s in %.1f s",
+                 f" and the noise-scale probe (every {probe_every} steps)" if probe_every else "",
+                 time.perf_counter() - compile_start)
     logger.restart_clock(start_step)
     batches = itertools.chain([first], batches)
     unread = None  # (step, metrics) dispatched but not yet read
@@ -446,7 +543,8 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
     with checkpoints.PreemptionWatch() as preemption:
         for step in range(start_step + 1, total_steps + 1):  # `step`: updates done after it
             profiler.before(step)
-            state, metrics = train_step(state, next_batch())
+            probed = probe_every and step % probe_every == 0
+            state, metrics = (probe_step if probed else train_step)(state, next_batch())
             profiler.after(step, state)
             if unread is not None:
                 finish(*unread)

@@ -82,6 +82,10 @@ USER_MISTAKES = {
     "misspelled field": (("--config.base_lrr=0.2",), "--config.base_lrr: no such config field; "
                          "did you mean --config.base_lr?"),
     "negative seed": (("--config.seed=-1",), "lbsgd: invalid config: seed -1 must be >= 0"),
+    "negative noise-scale cadence": (
+        ("--config.noise_scale_every_steps=-5",),
+        "lbsgd: invalid config: noise_scale_every_steps -5 must be >= 0 (0: off; K: measure "
+        "the gradient noise scale every K-th step, e.g. 20)"),
     "batch larger than the training set": (
         ("--config.global_batch_size=8192",),
         "global_batch_size 8192 is larger than the 4000 training images"),

@@ -46,6 +46,20 @@ def test_every_problem_is_reported_at_once():
     assert message.count("\n  - ") == 6
 
 
+def test_noise_scale_cadence_and_its_two_batch_sizes_are_checked():
+    assert _refusal(tiny_config(noise_scale_every_steps=-1)) == (
+        "invalid config: noise_scale_every_steps -1 must be >= 0 (0: off; K: measure the "
+        "gradient noise scale every K-th step, e.g. 20)")
+    # One worker of n = kn images: B_small = B_big, nothing to compare (1 device here).
+    with pytest.raises(config_lib.ConfigError, match=r"^invalid config: noise_scale_every_steps "
+                       r"5 needs at least 2 BN workers to compare: global_batch_size 64 must "
+                       r"be >= 2 x bn_group_size 64, or set noise_scale_every_steps=0$"):
+        config_lib.validate(tiny_config(noise_scale_every_steps=5, bn_group_size=64),
+                            num_devices=1)
+    config_lib.validate(tiny_config(bn_group_size=64), num_devices=1)  # off: legal
+    config_lib.validate(tiny_config(noise_scale_every_steps=5, bn_group_size=32), num_devices=1)
+
+
 def _refusal(config) -> str:
     with pytest.raises(config_lib.ConfigError) as error:
         config_lib.validate(config, num_devices=8)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from lbsgd import report, train
+from lbsgd import noise_scale, report, train
 from lbsgd.optim import learning_rate_schedule
 from tests.helpers import REPO, metrics_rows, tiny_config
 
@@ -163,3 +163,31 @@ def test_eval_error_curve_per_epoch_over_the_seeds(written, tmp_path):
     assert epochs == [1, 2, 3, 4]
     expected = [100 * (1 - statistics.fmean(t * e / 4 for t in (0.9, 0.8))) for e in epochs]
     np.testing.assert_allclose(errors, expected)
+
+
+def test_noise_scale_is_averaged_over_seeds_part_by_part_and_marks_each_kn(written, tmp_path):
+    """Rows as a probing run writes them: |G|^2 = a / step and tr(Sigma) = b per seed. The
+    setting's curve is mean(b) / mean(a / step) (McCandlish et al.: the parts are averaged,
+    then divided; the mean of the seeds' ratios would be 175 x step, not 160 x step); a step
+    whose averaged |G|^2 is not positive is left out; both settings' kn are marked."""
+    runs, _ = written
+    parts = {"seed0": (2.0, 300.0), "seed1": (0.5, 100.0), "kn256": (1.0, 50.0)}
+    for name, (a, b) in parts.items():
+        path = runs / name / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            if "loss" in row:
+                row.update({noise_scale.GRAD_SQUARED: a / row["step"] if row["step"] > 3
+                            else -1.0, noise_scale.TRACE: b, noise_scale.PROBES: row["step"]})
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = report.write_report(sorted(runs.iterdir()), tmp_path / "out")
+    assert "noise_scale.png" in result["plots"]
+    assert (tmp_path / "out" / "noise_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = report.noise_scale_curves(result["settings"])
+    epochs, values = curves["global_batch_size=512, warmup=gradual, 2 seeds"]
+    steps = [*range(6, 40, 3), 40]  # the rows (steps 3, 6, ..., 39 and 40) less step 3
+    np.testing.assert_allclose(epochs, [s / STEPS_PER_EPOCH for s in steps])
+    np.testing.assert_allclose(values, [160.0 * s for s in steps], rtol=1e-12)
+    np.testing.assert_allclose(curves["global_batch_size=256, warmup=none, 1 seed"][1],
+                               [50.0 * s for s in steps], rtol=1e-12)
+    assert report.plot_noise_scale(result["settings"], tmp_path / "again.png") == [256, 512]
