@@ -262,4 +262,5 @@ def test_command_logs_the_noise_scale(tmp_path):
                 row[noise_scale.TRACE] / row[noise_scale.GRAD_SQUARED], rel=1e-12)
     events = event_accumulator.EventAccumulator(str(tmp_path))
     events.Reload()
-    assert {noise_scale.TRACE, noise_scale.GRAD_SQUARED} <= set(events.Tags()["tensors"])
+    assert {"noise_scale/trace", "noise_scale/grad_sq", "noise_scale/probes"} <= set(
+        events.Tags()["tensors"])
