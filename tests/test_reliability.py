@@ -196,7 +196,14 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_is_untouched(tm
     workdir = tmp_path / "run"
     first = _start(workdir)
     _wait_for_rows(workdir, 3, [first])
-    second = run_lbsgd(workdir, *RUN, "--config.seed=1")
+    # The first run is held (SIGSTOP keeps its lock) while the second starts: otherwise a
+    # fast machine (or the suite's compilation cache) can finish it before the second's
+    # imports are done, and nothing would be tested.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = run_lbsgd(workdir, *RUN, "--config.seed=1")
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode != 0 and "Traceback" not in second.stderr
     assert re.search(rf"lbsgd: {re.escape(str(workdir))} is in use by another lbsgd run "
                      rf"\(host {re.escape(socket.gethostname())}, pid {first.pid}, since ",
