@@ -14,6 +14,7 @@ rerun resumes from), `checkpoints-best/` the one whose evaluation had the best t
 
 import contextlib
 import errno
+import functools
 import glob
 import json
 import math
@@ -26,6 +27,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+# The registry object itself: its `add` can override without a warning (see below).
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from lbsgd.config import RUN_ONLY_FIELDS, default_config
 from lbsgd.errors import CheckpointError
@@ -72,15 +75,20 @@ def _is_disk_full(error: BaseException) -> bool:
     return False
 
 
+@functools.cache
 def _save_replicated_arrays_from_one_device():
     """Orbax's default on CPU and TPU splits the writing of each replicated array across its
     replicas ("replica-parallel"), which pays only when several processes share the writing.
     In one process it only slices every array per device: ~100 small XLA compilations (~13 s on
     2 CPU cores for ResNet-8) at the first save of every run. One process therefore writes each
-    replicated array from one device; several processes keep orbax's default."""
-    ocp.type_handlers.register_type_handler(
+    replicated array from one device; several processes keep orbax's default.
+
+    Registered once per process, through the registry's own `add`: the public
+    `register_type_handler` warns "overriding jax.Array" on every call, which a user would
+    read as something wrong with their run."""
+    type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
-        override=True)
+        override=True, ignore_warnings=True)
 
 
 LATEST_DIRECTORY = "checkpoints"

@@ -300,6 +300,10 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experi
 PROBE_GRADIENT_BYTES = 1 << 30
 
 
+def _devices(count: int) -> str:
+    return f"{count} device{'s' if count != 1 else ''}"
+
+
 def probe_microbatches(config: ml_collections.ConfigDict, num_devices: int,
                        param_count: int) -> int:
     """Slices per device of a probed step: the plain step's, split further until a slice's
@@ -385,10 +389,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         closing.callback(logger.close)
         best = checkpoints.BestCheckpoint(workdir)
         closing.callback(best.close)
-        logging.info("JAX %s, process %d of %d, %d devices: %d train images, %d steps per "
+        logging.info("JAX %s, process %d of %d, %s: %d train images, %d steps per "
                      "epoch (floor(N / kn) = floor(%d / %d)), %d steps in all, starting at "
                      "step %d", jax.__version__, jax.process_index(), jax.process_count(),
-                     ex.mesh.size, len(ex.dataset.train), ex.steps_per_epoch,
+                     _devices(ex.mesh.size), len(ex.dataset.train), ex.steps_per_epoch,
                      len(ex.dataset.train), config.global_batch_size, ex.total_steps,
                      start_step)
         # A run stopped after its checkpoint's evaluation was written, before that evaluation
@@ -529,7 +533,7 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
 
     batches = ex.train_batches(start_step)
     first = next(batches)  # _train calls the loop only with steps left
-    logging.info("compiling the train step for %d devices ...", ex.mesh.size)
+    logging.info("compiling the train step for %s ...", _devices(ex.mesh.size))
     compile_start = time.perf_counter()
     train_step = ex.train_step.lower(state, first).compile()
     probe_step = ex.probe_step and ex.probe_step.lower(state, first).compile()
