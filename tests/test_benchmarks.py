@@ -105,6 +105,20 @@ def test_device_peak_is_the_rise_of_the_high_water_mark_over_what_was_in_use():
 
 
 @pytest.mark.slow
+def test_noise_scale_prints_the_probe_against_the_plain_step():
+    rows = _run("noise_scale", *TINY, "--devices", "2", "--steps", "2", "--repeats", "1",
+                "--warmup_steps", "1", "--every", "10")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["global_batch"] == 16 and row["workers"] == 2 and row["device_count"] == 2
+    for variant in ("plain", "probe"):
+        assert row[variant]["timed_steps"] == 2
+    ratio = row["probe"]["step_time_median_s"] / row["plain"]["step_time_median_s"]
+    assert row["ratio_probe_to_plain"] == pytest.approx(ratio)
+    assert row["overhead_at_every_steps"] == pytest.approx((ratio - 1) / 10)
+
+
+@pytest.mark.slow
 def test_comm_lbsgd_all_reduces_exactly_the_gradient_and_nothing_for_batchnorm():
     rows = _run("comm", *TINY, "--variants", "lbsgd", "baseline")
     totals = {r["variant"]: r for r in rows if r["record"] == "totals"}
