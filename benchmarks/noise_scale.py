@@ -28,8 +28,9 @@ def measure(args) -> dict:
     config.noise_scale_every_steps = args.every
     ex = train.setup(config, mesh)
     batch = next(ex.train_batches())
-    plain = Stepper(ex.train_step, ex.init_state(), batch)
-    probe = Stepper(ex.probe_step, ex.init_state(), batch)
+    devices = list(mesh.devices.flat)
+    plain = Stepper(ex.train_step, ex.init_state, batch, devices)
+    probe = Stepper(ex.probe_step, ex.init_state, batch, devices)
     params = common.param_size(plain.state.params)  # counted now: a step donates the state
     for stepper in (plain, probe):
         stepper.compile()
@@ -42,8 +43,7 @@ def measure(args) -> dict:
             for stepper in (plain, probe) if r % 2 == 0 else (probe, plain):
                 stepper.times.append(stepper())
     kn = config.global_batch_size
-    rows = {name: s.summary(kn, mesh.size, None) for name, s in (("plain", plain),
-                                                                   ("probe", probe))}
+    rows = {name: s.summary(kn, None) for name, s in (("plain", plain), ("probe", probe))}
     ratio = rows["probe"]["step_time_median_s"] / rows["plain"]["step_time_median_s"]
     # Median over adjacent step pairs of t_probe / t_plain: load that changes slower than a
     # step cancels.
@@ -59,7 +59,7 @@ def measure(args) -> dict:
         # A run with the probe every K steps: (K - 1) plain steps and one probed step.
         "overhead_at_every_steps": (ratio - 1) / args.every,
         "paired_overhead_at_every_steps": (paired - 1) / args.every,
-        **common.environment(list(mesh.devices.flat)),
+        **common.environment(devices),
     }
 
 
