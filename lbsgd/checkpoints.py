@@ -16,7 +16,6 @@ import contextlib
 import errno
 import functools
 import glob
-import json
 import math
 import os
 import signal
@@ -27,23 +26,19 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
 # The registry object itself: its `add` can override without a warning (see below).
 from orbax.checkpoint._src.serialization import type_handler_registry
 
-from lbsgd.config import RUN_ONLY_FIELDS, default_config
+from lbsgd.config import RUN_ONLY_FIELDS, as_json, with_defaults
 from lbsgd.errors import CheckpointError
-
-
-def _as_json(config: ml_collections.ConfigDict) -> dict:
-    return json.loads(json.dumps(config.to_dict()))  # tuples become lists, as when loaded
 
 
 def changed_fields(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
     """{field: (saved value, new value)} for trajectory fields that differ. A field the saved
     config lacks (added to lbsgd after that checkpoint) counts as its default, which by rule
     is the behaviour from before the field existed."""
-    new, defaults = _as_json(config), _as_json(default_config())
-    saved = {**{f: v for f, v in defaults.items() if f not in saved}, **saved}
+    new, saved = as_json(config), with_defaults(saved)
     fields = (saved.keys() | new.keys()) - RUN_ONLY_FIELDS
     return {f: (saved.get(f), new.get(f)) for f in sorted(fields) if saved.get(f) != new.get(f)}
 
@@ -138,7 +133,7 @@ class Checkpointer:
         """Start saving, with the step's `evaluation` if given; returns once the arrays are
         copied off the device (the files are written in the background)."""
         items = {"state": ocp.args.StandardSave(state),
-                 "config": ocp.args.JsonSave(_as_json(config)),
+                 "config": ocp.args.JsonSave(as_json(config)),
                  "run": ocp.args.JsonSave({"num_devices": jax.device_count(),
                                            "num_processes": jax.process_count()})}
         if evaluation is not None:

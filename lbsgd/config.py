@@ -8,6 +8,7 @@ comment says otherwise.
 """
 
 import inspect
+import json
 import math
 import numbers
 import re
@@ -107,6 +108,18 @@ def default_config() -> ml_collections.ConfigDict:
     # WORKDIR/profile, for TensorBoard's profile tab or Perfetto; empty: no trace.
     c.profile_steps = ""
     return c
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict:
+    """The config as config.json and checkpoints store it (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def with_defaults(saved: dict) -> dict:
+    """A stored config with the fields added to lbsgd since it was written at their defaults:
+    by rule a new field's default is the behaviour from before it existed, so an old run and a
+    new one with the default are the same setting."""
+    return {**as_json(default_config()), **saved}
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

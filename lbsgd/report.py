@@ -32,7 +32,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lbsgd import noise_scale  # noqa: E402
-from lbsgd.config import RUN_ONLY_FIELDS  # noqa: E402
+from lbsgd.config import RUN_ONLY_FIELDS, with_defaults  # noqa: E402
 from lbsgd.optim import learning_rate_schedule, scaled_learning_rate  # noqa: E402
 
 NOT_A_SETTING = RUN_ONLY_FIELDS | {"seed", "resume_allow_changes"}
@@ -77,7 +77,7 @@ class Run:
 
 def load_run(path: Path) -> Run:
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = with_defaults(json.loads((path / "config.json").read_text()))
         lines = (path / "metrics.jsonl").read_text().splitlines()
     except (OSError, json.JSONDecodeError) as error:
         raise RunError(f"cannot read config.json / metrics.jsonl: {error}") from None

@@ -191,3 +191,17 @@ def test_noise_scale_is_averaged_over_seeds_part_by_part_and_marks_each_kn(writt
     np.testing.assert_allclose(curves["global_batch_size=256, warmup=none, 1 seed"][1],
                                [50.0 * s for s in steps], rtol=1e-12)
     assert report.plot_noise_scale(result["settings"], tmp_path / "again.png") == [256, 512]
+
+
+def test_a_run_from_before_a_config_field_existed_is_the_same_setting_as_its_default(runs,
+                                                                                    tmp_path):
+    """config.json of a run made before `grad_reduce_dtype` was added lacks the field; with the
+    field at its default (the old behaviour) it is the same setting, so its seed is averaged
+    with the new run's, and the legend does not call the two apart."""
+    old = tmp_path / "old-seed1"
+    shutil.copytree(runs / "kn64-seed1", old)
+    config = json.loads((old / "config.json").read_text())
+    del config["grad_reduce_dtype"]
+    (old / "config.json").write_text(json.dumps(config))
+    result = report.write_report([runs / "kn64-seed0", old], tmp_path / "report")
+    assert [(row[0], row[5]) for row in result["rows"]] == [("all runs", "2")]
