@@ -8,8 +8,9 @@ scalars and BatchNorm, with what else the program runs (kernels, cuDNN calls, tr
 temporary memory: lbsgd/hlo.py's summary). Results: benchmarks/README.md, section 2.
 
 The program is the GPU one, compiled for 8 H100s without a GPU (`--program h100`, the default
-where JAX's CUDA plugin is installed: lbsgd/gpu_program.py), or the CPU one (`--program cpu`,
-the default otherwise; 8 devices simulated unless XLA_FLAGS names a count). Each JSON object
+where JAX's CUDA plugin is installed: lbsgd/gpu_program.py), the TPU one, compiled for 8 v5e
+chips without a TPU (`--program v5e`, where libtpu is installed), or the CPU one (`--program
+cpu`, the default otherwise; 8 devices simulated unless XLA_FLAGS names a count). Each JSON object
 says which ("program"). Bytes of collectives depend on neither image size nor batch.
 
     python -m benchmarks.comm                         # ResNet-50, float32, all three steps
@@ -67,8 +68,8 @@ def attribute(collectives: list[dict], params, reduce_dtype: str | None = None) 
 
 
 def gpu_experiment(args) -> tuple[train.Experiment, dict]:
-    """common.experiment's run on --devices GPUs of the --program target, and an abstract batch:
-    nothing is allocated, everything is compiled for the GPU."""
+    """common.experiment's run on --devices GPUs (TPU chips) of the --program target, and an
+    abstract batch: nothing is allocated, everything is compiled for the GPU (TPU)."""
     ex = train.setup(common.step_config(args, args.devices),
                      gpu_program.gpu_mesh(args.program, args.devices))
     return ex, gpu_program.abstract_batch(ex)
@@ -80,21 +81,22 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--program", choices=["cpu", *gpu_program.TARGETS],
                         default="h100" if gpu_program.plugin_installed() else "cpu",
-                        help="compile for this GPU without one, or for this host's devices")
+                        help="compile for this GPU (TPU) without one, or for this host's "
+                        "devices")
     parser.add_argument("--no_list", action="store_true",
                         help="print only the totals, not every collective")
     args = parser.parse_args()
     gpu = args.program in gpu_program.TARGETS
     ex, batch = gpu_experiment(args) if gpu else common.experiment(args)
     devices = list(ex.mesh.devices.flat)
-    program = (f"deviceless {gpu_program.TARGETS[args.program][1]}" if gpu
+    program = (f"deviceless {gpu_program.TARGETS[args.program][2]}" if gpu
                else devices[0].platform)
     for variant in args.variants:
         init, step = ((ex.init_state, ex.train_step) if variant == "lbsgd" else
                       make_baseline(ex, global_bn=variant == "baseline_global_bn"))
         state = jax.eval_shape(init)  # shapes and shardings: all that compiling needs
         start = time.perf_counter()
-        compiled = (gpu_program.compile_for_gpu(step, state, batch) if gpu
+        compiled = (gpu_program.compile_for_gpu(step, state, batch, target=args.program) if gpu
                     else step.lower(state, batch).compile())
         compile_s = time.perf_counter() - start
         collectives = hlo.parse_collectives(compiled.as_text())
