@@ -8,7 +8,7 @@ scalars and BatchNorm, with what else the program runs (kernels, cuDNN calls, tr
 temporary memory: lbsgd/hlo.py's summary). Results: benchmarks/README.md, section 2.
 
 The program is the GPU one, compiled for 8 H100s without a GPU (`--program h100`, the default
-where JAX's CUDA plugin is installed: lbsgd/gpu_program.py), the TPU one, compiled for 8 v5e
+where JAX's CUDA plugin is installed: lbsgd/deviceless.py), the TPU one, compiled for 8 v5e
 chips without a TPU (`--program v5e`, where libtpu is installed), or the CPU one (`--program
 cpu`, the default otherwise; 8 devices simulated unless XLA_FLAGS names a count). Each JSON object
 says which ("program"). Bytes of collectives depend on neither image size nor batch.
@@ -36,7 +36,7 @@ import jax
 
 from benchmarks import common
 from benchmarks.train_step import make_baseline
-from lbsgd import gpu_program, hlo, train
+from lbsgd import deviceless, hlo, train
 
 VARIANTS = ("lbsgd", "baseline", "baseline_global_bn")
 HLO_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
@@ -71,32 +71,32 @@ def gpu_experiment(args) -> tuple[train.Experiment, dict]:
     """common.experiment's run on --devices GPUs (TPU chips) of the --program target, and an
     abstract batch: nothing is allocated, everything is compiled for the GPU (TPU)."""
     ex = train.setup(common.step_config(args, args.devices),
-                     gpu_program.gpu_mesh(args.program, args.devices))
-    return ex, gpu_program.abstract_batch(ex)
+                     deviceless.target_mesh(args.program, args.devices))
+    return ex, deviceless.abstract_batch(ex)
 
 
 def main() -> None:
     parser = common.parser(__doc__)
     common.add_step_arguments(parser, model="resnet50", image_size=64, devices=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--program", choices=["cpu", *gpu_program.TARGETS],
-                        default="h100" if gpu_program.plugin_installed() else "cpu",
+    parser.add_argument("--program", choices=["cpu", *deviceless.TARGETS],
+                        default="h100" if deviceless.plugin_installed() else "cpu",
                         help="compile for this GPU (TPU) without one, or for this host's "
                         "devices")
     parser.add_argument("--no_list", action="store_true",
                         help="print only the totals, not every collective")
     args = parser.parse_args()
-    gpu = args.program in gpu_program.TARGETS
+    gpu = args.program in deviceless.TARGETS
     ex, batch = gpu_experiment(args) if gpu else common.experiment(args)
     devices = list(ex.mesh.devices.flat)
-    program = (f"deviceless {gpu_program.TARGETS[args.program][2]}" if gpu
+    program = (f"deviceless {deviceless.TARGETS[args.program][2]}" if gpu
                else devices[0].platform)
     for variant in args.variants:
         init, step = ((ex.init_state, ex.train_step) if variant == "lbsgd" else
                       make_baseline(ex, global_bn=variant == "baseline_global_bn"))
         state = jax.eval_shape(init)  # shapes and shardings: all that compiling needs
         start = time.perf_counter()
-        compiled = (gpu_program.compile_for_gpu(step, state, batch, target=args.program) if gpu
+        compiled = (deviceless.compile_for_target(step, state, batch, target=args.program) if gpu
                     else step.lower(state, batch).compile())
         compile_s = time.perf_counter() - start
         collectives = hlo.parse_collectives(compiled.as_text())
@@ -105,7 +105,7 @@ def main() -> None:
                 print(json.dumps({"record": "collective", "program": program,
                                   "variant": variant, **c}), flush=True)
         split, params = attribute(collectives, state.params), common.param_size(state.params)
-        summary = gpu_program.summarize(compiled, state.params, args.per_device_batch)
+        summary = deviceless.summarize(compiled, state.params, args.per_device_batch)
         print(json.dumps({
             "record": "totals", "program": program, "variant": variant,
             **{key: getattr(args, key) for key in common.STEP_FIELDS}, **params,

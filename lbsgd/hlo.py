@@ -3,7 +3,7 @@ which kernels it launches.
 
 Used by the tests (the step's only collective is the gradient all-reduce; BatchNorm sends
 nothing; on a GPU every convolution is a cuDNN call), by benchmarks/comm.py, which prints
-every collective with its bytes, and by lbsgd/gpu_program.py, which summarizes the GPU program.
+every collective with its bytes, and by lbsgd/deviceless.py, which summarizes the GPU program.
 """
 
 import collections

@@ -1,4 +1,4 @@
-"""The GPU program of the real train step, compiled for H100s without a GPU (lbsgd/gpu_program.py).
+"""The GPU program of the real train step, compiled for H100s without a GPU (lbsgd/deviceless.py).
 
 The CPU program cannot show what XLA's GPU compiler does: whether it all-reduces the float32
 gradients after converting them to bf16, whether each convolution runs in cuDNN. These tests
@@ -15,7 +15,7 @@ pytest.importorskip("jax_plugins.xla_cuda12", reason="compiling for a GPU withou
                     "JAX's CUDA plugin: pip install jax-cuda12-plugin jax-cuda12-pjrt")
 
 from benchmarks.comm import attribute  # noqa: E402 - after the skip
-from lbsgd import gpu_program, hlo  # noqa: E402
+from lbsgd import deviceless, hlo  # noqa: E402
 from lbsgd.config import default_config  # noqa: E402
 
 PER_DEVICE = 32  # images; at 64 px ResNet-50 compiles in about a minute on 2 CPU cores
@@ -29,8 +29,8 @@ def program(request):
     config.update(model="resnet50", image_size=64, dtype="bfloat16", dataset="synthetic",
                   global_batch_size=PER_DEVICE * request.param,
                   eval_batch_size=PER_DEVICE * request.param)
-    ex, state, compiled = gpu_program.compile_train_step(config, devices=request.param)
-    return request.param, state.params, gpu_program.summarize(compiled, state.params,
+    ex, state, compiled = deviceless.compile_train_step(config, devices=request.param)
+    return request.param, state.params, deviceless.summarize(compiled, state.params,
                                                                PER_DEVICE), compiled
 
 
@@ -87,7 +87,7 @@ def test_a_bfloat16_reduction_sends_bfloat16_gradients_on_gpus():
     config.update(model="resnet50", image_size=64, dtype="bfloat16", dataset="synthetic",
                   global_batch_size=PER_DEVICE * 8, eval_batch_size=PER_DEVICE * 8,
                   grad_reduce_dtype="bfloat16")
-    _, state, compiled = gpu_program.compile_train_step(config, devices=8)
+    _, state, compiled = deviceless.compile_train_step(config, devices=8)
     collectives = hlo.parse_collectives(compiled.as_text())
     reduced = [t for c in collectives for t in c.get("parts", c["tensors"]) if t["shape"]]
     assert {t["dtype"] for t in reduced} == {"bf16"}

@@ -1,5 +1,5 @@
 """The TPU program of the real train step, compiled for v5e chips without a TPU
-(lbsgd/gpu_program.py, target "v5e").
+(lbsgd/deviceless.py, target "v5e").
 
 The contract of tests/test_gpu_program.py where it is the same on a TPU: the gradients are
 all-reduced once, in config.grad_reduce_dtype, exactly their bytes at that dtype, BatchNorm
@@ -26,7 +26,7 @@ for name, value in {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepo
     os.environ.setdefault(name, value)
 
 from benchmarks.comm import attribute  # noqa: E402 - after the skip
-from lbsgd import gpu_program, hlo  # noqa: E402
+from lbsgd import deviceless, hlo  # noqa: E402
 from lbsgd.config import default_config  # noqa: E402
 
 PER_DEVICE = 32  # images
@@ -63,20 +63,20 @@ def _check_gradient_reduction(compiled, params, reduce_dtype: str) -> None:
 
 
 def test_a_slice_of_one_host_is_described():
-    mesh = gpu_program.gpu_mesh("v5e", 8)
+    mesh = deviceless.target_mesh("v5e", 8)
     devices = list(mesh.devices.flat)
     assert [d.platform for d in devices] == ["tpu"] * 8
     assert {d.process_index for d in devices} == {0}  # a v5e host holds 8 chips
-    assert len(gpu_program.gpu_mesh("v5e", 1).devices.flat) == 1
+    assert len(deviceless.target_mesh("v5e", 1).devices.flat) == 1
     with pytest.raises(ValueError, match="power-of-2"):
-        gpu_program.gpu_mesh("v5e", 6)
+        deviceless.target_mesh("v5e", 6)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reduce_dtype", ["float32", "bfloat16"])
 def test_gradients_are_all_reduced_once_in_their_dtype_and_batchnorm_sends_nothing(
         reduce_dtype):
-    _, state, compiled = gpu_program.compile_train_step(
+    _, state, compiled = deviceless.compile_train_step(
         _config(8, grad_reduce_dtype=reduce_dtype), target="v5e", devices=8)
     _check_gradient_reduction(compiled, state.params, reduce_dtype)
     # The TPU's convolutions are XLA's own (no library call): all of them in bf16.

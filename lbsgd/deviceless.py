@@ -57,7 +57,7 @@ def _tpu_slice(chip: str, devices: int) -> dict:
             **({"chips_per_host_bounds": (a, b, 1)} if devices <= 8 else {})}
 
 
-def gpu_mesh(target: str = "h100", devices: int = 8) -> Mesh:
+def target_mesh(target: str = "h100", devices: int = 8) -> Mesh:
     """lbsgd's 1-D mesh over `devices` GPUs of one host (or TPU chips), described by `target`."""
     platform, description, _ = TARGETS[target]
     arguments = (_tpu_slice(description, devices) if platform == "tpu" else
@@ -85,7 +85,7 @@ def abstract_batch(ex: train.Experiment) -> dict:
             "label": jax.ShapeDtypeStruct((kn,), jnp.int32, sharding=sharding)}
 
 
-def compile_for_gpu(step, *args, target: str = "h100"):
+def compile_for_target(step, *args, target: str = "h100"):
     """A jitted function compiled for `target`'s platform (CUDA, TPU) on abstract arguments:
     what runs on the GPUs (TPU chips)."""
     return step.trace(*args).lower(lowering_platforms=(TARGETS[target][0],)).compile()
@@ -95,9 +95,9 @@ def compile_train_step(config: ml_collections.ConfigDict, *, target: str = "h100
                        devices: int = 8):
     """(experiment, its abstract state, compiled train step) of `config` on `devices` GPUs
     (TPU chips)."""
-    ex = train.setup(config, gpu_mesh(target, devices))
+    ex = train.setup(config, target_mesh(target, devices))
     state = jax.eval_shape(ex.init_state)  # shapes and shardings: all a compile needs
-    return ex, state, compile_for_gpu(ex.train_step, state, abstract_batch(ex), target=target)
+    return ex, state, compile_for_target(ex.train_step, state, abstract_batch(ex), target=target)
 
 
 def summarize(compiled, params, per_device_batch: int) -> dict:
