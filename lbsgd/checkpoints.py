@@ -16,9 +16,11 @@ import contextlib
 import errno
 import functools
 import glob
+import logging as std_logging
 import math
 import os
 import signal
+import sys
 import types
 
 import jax
@@ -86,6 +88,33 @@ def _save_replicated_arrays_from_one_device():
         override=True, ignore_warnings=True)
 
 
+def _is_late_write_callback(kind, error, trace) -> bool:
+    """Whether an error is a TensorStore write finishing after orbax's event loop has closed
+    (the write's done-callback calls `call_soon_threadsafe` on that loop)."""
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return (kind is RuntimeError and str(error) == "Event loop is closed"
+            and trace is not None and trace.tb_frame.f_code.co_name == "_check_closed")
+
+
+@functools.cache
+def _quiet_late_write_callbacks():
+    """When a save fails (a full disk), orbax's event loop ends with the first failed write
+    while TensorStore's other writes are still in flight; as each finishes, its callback
+    finds the loop closed, and Python prints that as an unraisable error with its traceback,
+    dozens of them, around the one-line message the user should read. Nothing is lost by
+    dropping them: the save has already failed and is reported; every other unraisable error
+    prints as before."""
+    previous = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        if not _is_late_write_callback(unraisable.exc_type, unraisable.exc_value,
+                                       unraisable.exc_traceback):
+            previous(unraisable)
+
+    sys.unraisablehook = unraisablehook
+
+
 LATEST_DIRECTORY = "checkpoints"
 BEST_DIRECTORY = "checkpoints-best"
 
@@ -100,6 +129,7 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), name)
         self.is_latest = name == LATEST_DIRECTORY  # the log says which folder saved
         _save_replicated_arrays_from_one_device()
+        _quiet_late_write_callbacks()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -123,6 +153,9 @@ class Checkpointer:
         except Exception as error:
             if not _is_disk_full(error):
                 raise
+            # The failed save's other writes end as futures nobody reads; asyncio would log
+            # each one ("exception was never retrieved") after the message below.
+            std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
             raise CheckpointError(
                 f"the disk of {self.directory} is full: a checkpoint could not be saved (step "
                 f"{step} or the one before). Free space, then rerun the same command: it resumes "
