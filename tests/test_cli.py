@@ -23,7 +23,7 @@ from tests.helpers import (
 )
 
 # bs256.py at a resolution and size a CPU trains in seconds.
-SMALL_BS256 = ("--config.image_size=64", "--config.model=resnet18", "--config.max_steps=2",
+SMALL_BS256 = ("--config.image_size=32", "--config.model=resnet18", "--config.max_steps=2",
                "--config.log_every_steps=1")
 
 
@@ -146,7 +146,7 @@ import sys
 import tensorflow_datasets as tfds
 from absl import app
 from lbsgd import main
-with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
     app.run(main.main, argv=["lbsgd", *sys.argv[1:]])
 """
 
@@ -157,8 +157,8 @@ def test_bs256_runs_through_the_command_on_mock_imagenet(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", MOCKED_COMMAND, "--config=configs/bs256.py",
          f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tmp_path}",
-         "--config.global_batch_size=64", "--config.bn_group_size=8",
-         "--config.eval_batch_size=64", *SMALL_BS256],
+         "--config.global_batch_size=16", "--config.bn_group_size=2",
+         "--config.eval_batch_size=16", *SMALL_BS256],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=lbsgd_env())
     assert result.returncode == 0, result.stderr[-3000:]
     _finite_training(tmp_path / "run", steps=2)
@@ -170,7 +170,7 @@ def test_bs256_runs_through_the_command_on_a_folder_of_jpegs(tmp_path):
     result = run_lbsgd(tmp_path / "run", f"--config.dataset=folder:{root}",
                        f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_classes=3",
                        "--config.global_batch_size=16", "--config.bn_group_size=2",
-                       "--config.eval_batch_size=16", *SMALL_BS256[1:], "--config.image_size=32",
+                       "--config.eval_batch_size=16", *SMALL_BS256,
                        config="configs/bs256.py")
     assert result.returncode == 0, result.stderr[-3000:]
     _finite_training(tmp_path / "run", steps=2)

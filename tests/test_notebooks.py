@@ -15,7 +15,9 @@ from nbclient.exceptions import CellExecutionError
 
 from tests.helpers import REPO, lbsgd_env, write_image_folder
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
+# its module-scoped fixture (each notebook's one execution) is made once, not once per worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_notebooks")]
 
 COLAB = REPO / "colab"
 NOTEBOOKS = ["01_schedules", "02_small_reproduction", "03_resnet50_accelerator"]
