@@ -13,7 +13,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from tests.helpers import REPO, lbsgd_env, write_image_folder
+from tests.helpers import REPO, lbsgd_env, write_fashion, write_image_folder
 
 # One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
 # its module-scoped fixture (each notebook's one execution) is made once, not once per worker.
@@ -59,6 +59,13 @@ def imagenette_stand_in(root):
                               size=(213, 160))
 
 
+def fashion_mnist_stand_in(root):
+    """Fashion-MNIST's four gzipped IDX files, with random images: 26 training and 2 test
+    images per class, enough for one step at the reduced mode's largest kn (256)."""
+    write_fashion(root, per_class=(26, 2))
+    return root
+
+
 @dataclasses.dataclass
 class Execution:
     name: str
@@ -86,6 +93,9 @@ def execution(request, tmp_path_factory) -> Execution:
         env.setenv("XLA_FLAGS", flags)
         # What the notebook leaves behind lands here, where the test sees it, not in /tmp.
         env.setenv("TMPDIR", str(kernel_tmp))
+        if name == "02_small_reproduction":  # instead of the real 60,000 images
+            folder = fashion_mnist_stand_in(scratch / "fashion_mnist")
+            env.setenv("LBSGD_NOTEBOOK_FASHION_MNIST", str(folder))
         if name == "03_resnet50_accelerator":
             # The branch an online CPU runtime takes (Colab's: one device, so kn = 8 in one
             # BN group of n = 8), offline.
@@ -110,6 +120,9 @@ def printed(notebook) -> str:
 def test_notebook_runs_from_the_colab_folder(execution):
     assert execution.error is None, str(execution.error)
     assert execution.left_behind == []
+    if execution.name == "02_small_reproduction":  # the stand-in, not the real files
+        assert re.search(r"Fashion-MNIST files: \S*/02_small_reproduction\d*/fashion_mnist\n",
+                         printed(execution.notebook))
     if execution.name == "03_resnet50_accelerator":  # the branch it took, with which layout
         command = printed(execution.notebook)
         for part in ("--config=configs/bs256.py", "--config.dataset=folder:",
