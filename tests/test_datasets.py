@@ -20,7 +20,7 @@ from lbsgd.errors import DataError
 from tests.helpers import folder_config, sparse_archives, tiny_config, write_image_folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folder(tmp_path_factory):
     """A folder of real JPEGs (3 classes, 8 train / 3 val images each, 80x60) and its TFDS
     data dir, prepared once for the module."""

@@ -20,7 +20,7 @@ from lbsgd.errors import CheckpointError, ConfigError, WorkdirError
 from tests.helpers import REPO, lbsgd_env, metrics_rows, run_lbsgd, tiny_config
 
 # One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its module-scoped fixture (the trained run) is made once, not once per worker.
+# its shared fixture (the trained run) is made once, not once per worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_evaluate")]
 
 # The demo at kn = 2048: floor(4000 / 2048) = 1 step per epoch, so 4 steps evaluate 4 times;
@@ -54,7 +54,7 @@ def _same_evaluation(result: dict, row: dict) -> None:
         assert result[key] == pytest.approx(row[key], rel=1e-6), key
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory):
     """(workdir, stderr) of a finished 4-step run."""
     workdir = tmp_path_factory.mktemp("evaluate") / "run"
@@ -63,7 +63,7 @@ def run(tmp_path_factory):
     return workdir, result.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evaluated(run):
     """What `python -m lbsgd.evaluate` prints for the run's latest checkpoint."""
     return _printed(_command("evaluate", run[0]))

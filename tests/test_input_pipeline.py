@@ -66,7 +66,7 @@ def _in_memory(images, labels):
                                   mean=(0.0,), std=(1.0,), image_shape=images.shape[1:])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     """A prepared folder dataset of real JPEGs: 3 classes x 8 train images (80x60), 9 val."""
     root = write_image_folder(tmp_path_factory.mktemp("photos"))

@@ -22,7 +22,7 @@ from tests.helpers import REPO, lbsgd_command, lbsgd_env, metrics_rows, run_lbsg
 from tests.test_reliability import _checkpoint_steps, _readable_rows
 
 # One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its module-scoped fixture (the killed and resumed run) is made once, not once per worker.
+# its shared fixture (the killed and resumed run) is made once, not once per worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_metrics_files")]
 
 # 62 steps per epoch: 24 logged steps, checkpoints at 5, 10, ...; evaluation at step 24 only.
@@ -73,7 +73,7 @@ def _wait_for_a_checkpoint_and_rows(workdir, process, rows, timeout=300):
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def resumed(tmp_path_factory):
     """A run killed (-9) past its first checkpoint, its files then torn as a crash mid-write
     tears them, and rerun to the end. Returns (workdir, rerun's stderr, the bytes of the
@@ -137,7 +137,7 @@ BAD_LINES = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def refused(resumed, tmp_path_factory):
     """Each BAD_LINES damage done to a copy of the finished run, then rerun; both reruns at
     once, to halve the wait. Returns {name: (workdir, files before, completed process)}."""

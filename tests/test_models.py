@@ -20,7 +20,7 @@ def _modules(model, cls):
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, cls)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def resnet50():
     # bn_group_size=2 so the same instance can run tiny batches.
     return create_model("resnet50", num_classes=1000, norm=grouped_norm(group_size=2))

@@ -15,7 +15,7 @@ from lbsgd import hlo, models, noise_scale, parallel, train
 from tests.helpers import metrics_rows, run_lbsgd, tiny_config
 
 # One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its module-scoped fixture (the probed steps) is made once, not once per worker.
+# its shared fixture (the probed steps) is made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("test_noise_scale")
 
 
@@ -159,7 +159,7 @@ CONFIG = dict(global_batch_size=64, bn_group_size=8, warmup="none", weight_decay
               noise_scale_every_steps=3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def steps():
     """One batch of 8 workers of n = 8: the plain step on one device, and the probed step on
     4 devices with PROBE_GRADIENT_BYTES so small that a slice holds one worker's gradient

@@ -16,7 +16,7 @@ from nbclient.exceptions import CellExecutionError
 from tests.helpers import REPO, lbsgd_env, write_fashion, write_image_folder
 
 # One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its module-scoped fixture (each notebook's one execution) is made once, not once per worker.
+# its shared fixture (each notebook's one execution) is made once, not once per worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_notebooks")]
 
 COLAB = REPO / "colab"
@@ -74,9 +74,20 @@ class Execution:
     left_behind: list[str]  # lbsgd-* entries in the kernel's temporary directory
 
 
+_EXECUTIONS: dict[str, Execution] = {}  # name -> its one execution in this test process
+
+
 @pytest.fixture(scope="module", params=NOTEBOOKS)
 def execution(request, tmp_path_factory) -> Execution:
-    name = request.param
+    """The notebook's one execution, shared by the tests of that notebook. Kept beyond the
+    fixture's life: pytest sets a parametrized fixture up again whenever the next test takes
+    another parameter, and pytest-xdist does not order a worker's tests by parameter."""
+    if request.param not in _EXECUTIONS:
+        _EXECUTIONS[request.param] = _execute(request.param, tmp_path_factory)
+    return _EXECUTIONS[request.param]
+
+
+def _execute(name: str, tmp_path_factory) -> Execution:
     scratch = tmp_path_factory.mktemp(name)
     kernel_tmp = scratch / "tmp"
     kernel_tmp.mkdir()

@@ -67,7 +67,7 @@ def _checkpoint_steps(workdir):
                   if p.name.isdigit())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """The rows of an uninterrupted run."""
     workdir = tmp_path_factory.mktemp("reference")
@@ -255,7 +255,7 @@ def test_a_second_ctrl_c_exits_at_once():
     assert "Traceback" not in result.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def six_steps(tmp_path_factory):
     """A finished 6-step run (checkpoints 5 and 6), to copy and break."""
     workdir = tmp_path_factory.mktemp("six") / "run"

@@ -16,11 +16,11 @@ from lbsgd.optim import learning_rate_schedule
 from tests.helpers import REPO, metrics_rows, tiny_config
 
 # One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its module-scoped fixture (the three short runs) is made once, not once per worker.
+# its shared fixture (the three short runs) is made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("test_report")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """Three real short runs: two seeds of kn = 64 and one run of kn = 128."""
     root = tmp_path_factory.mktemp("runs")
