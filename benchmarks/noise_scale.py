@@ -17,7 +17,7 @@ import statistics
 import jax
 
 from benchmarks import common
-from benchmarks.train_step import Stepper
+from benchmarks.train_step import Stepper, time_alternately
 from lbsgd import parallel, train
 
 
@@ -36,12 +36,7 @@ def measure(args) -> dict:
         stepper.compile()
         for _ in range(args.warmup_steps):
             stepper()
-    # Step by step, who goes first flipping every repetition: drift of a shared machine's load
-    # hits both alike.
-    for r in range(args.repeats):
-        for _ in range(args.steps):
-            for stepper in (plain, probe) if r % 2 == 0 else (probe, plain):
-                stepper.times.append(stepper())
+    time_alternately(plain, probe, repeats=args.repeats, steps=args.steps)
     kn = config.global_batch_size
     rows = {name: s.summary(kn, None) for name, s in (("plain", plain), ("probe", probe))}
     ratio = rows["probe"]["step_time_median_s"] / rows["plain"]["step_time_median_s"]

@@ -198,6 +198,15 @@ class Stepper:
         return f"xla: memory_analysis(), argument + output + temp - alias, one device ({why})"
 
 
+def time_alternately(first: Stepper, second: Stepper, *, repeats: int, steps: int) -> None:
+    """Time `steps` steps of each per repetition, step by step, who goes first flipping every
+    repetition: drift of a shared machine's load hits both alike."""
+    for r in range(repeats):
+        for _ in range(steps):
+            for stepper in (first, second) if r % 2 == 0 else (second, first):
+                stepper.times.append(stepper())
+
+
 def peak_tflops(args, device_kind: str) -> tuple[float | None, str | None]:
     """One device's peak for the compute dtype, and where it comes from."""
     if args.peak_tflops:
@@ -223,12 +232,7 @@ def measure(args) -> dict:
             stepper.compile()
             for _ in range(args.warmup_steps):
                 stepper()
-    # Step by step, who goes first flipping every repetition: drift of a shared machine's load
-    # hits both alike.
-    for r in range(args.repeats):
-        for _ in range(args.steps):
-            for stepper in (lbsgd, baseline) if r % 2 == 0 else (baseline, lbsgd):
-                stepper.times.append(stepper())
+    time_alternately(lbsgd, baseline, repeats=args.repeats, steps=args.steps)
     kn, steppers = ex.config.global_batch_size, {"lbsgd": lbsgd, "baseline": baseline}
     peak, peak_source = peak_tflops(args, devices[0].device_kind)
     rows = {name: s.summary(kn, peak) for name, s in steppers.items()}
