@@ -19,9 +19,7 @@ from lbsgd.datasets.augment import record_transforms
 from lbsgd.errors import CheckpointError, ConfigError, WorkdirError
 from tests.helpers import REPO, lbsgd_env, metrics_rows, run_lbsgd, tiny_config
 
-# One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its shared fixture (the trained run) is made once, not once per worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_evaluate")]
+pytestmark = pytest.mark.slow
 
 # The demo at kn = 2048: floor(4000 / 2048) = 1 step per epoch, so 4 steps evaluate 4 times;
 # each epoch's end saves, and keep_checkpoints = 3 keeps steps 2, 3 and 4.

@@ -21,9 +21,7 @@ import pytest
 from tests.helpers import REPO, lbsgd_command, lbsgd_env, metrics_rows, run_lbsgd
 from tests.test_reliability import _checkpoint_steps, _readable_rows
 
-# One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its shared fixture (the killed and resumed run) is made once, not once per worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_metrics_files")]
+pytestmark = pytest.mark.slow
 
 # 62 steps per epoch: 24 logged steps, checkpoints at 5, 10, ...; evaluation at step 24 only.
 RUN = ("--config.global_batch_size=64", "--config.bn_group_size=8", "--config.max_steps=24",

@@ -14,10 +14,6 @@ from tensorboard.backend.event_processing import event_accumulator
 from lbsgd import hlo, models, noise_scale, parallel, train
 from tests.helpers import metrics_rows, run_lbsgd, tiny_config
 
-# One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its shared fixture (the probed steps) is made once, not once per worker.
-pytestmark = pytest.mark.xdist_group("test_noise_scale")
-
 
 def _parts(per_example: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """S_small, S_big of steps of per-example gradients [steps, kn, d] in workers of n."""

@@ -15,9 +15,7 @@ from nbclient.exceptions import CellExecutionError
 
 from tests.helpers import REPO, lbsgd_env, write_fashion, write_image_folder
 
-# One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its shared fixture (each notebook's one execution) is made once, not once per worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_notebooks")]
+pytestmark = pytest.mark.slow
 
 COLAB = REPO / "colab"
 NOTEBOOKS = ["01_schedules", "02_small_reproduction", "03_resnet50_accelerator"]

@@ -15,10 +15,6 @@ from lbsgd import noise_scale, report, train
 from lbsgd.optim import learning_rate_schedule
 from tests.helpers import REPO, metrics_rows, tiny_config
 
-# One pytest-xdist worker runs this module (README's test command, --dist loadgroup), so
-# its shared fixture (the three short runs) is made once, not once per worker.
-pytestmark = pytest.mark.xdist_group("test_report")
-
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
