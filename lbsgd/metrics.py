@@ -25,14 +25,21 @@ from importlib import metadata
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers
 
 from lbsgd import hide_gpus_from_tensorflow
 from lbsgd.errors import DataError
 
 # Every process that trains or benchmarks imports TensorFlow through this module (and clu):
-# no GPU for it, before it runs anything.
-tf = hide_gpus_from_tensorflow()
+# no GPU for it, before it runs anything. Where TensorFlow is not installed (a GPU machine that
+# only benchmarks the step on synthetic data), lbsgd still imports; what writes TensorBoard
+# files then says what is missing.
+_TENSORFLOW_MISSING = None
+try:
+    tf = hide_gpus_from_tensorflow()
+    from clu import metric_writers
+except ModuleNotFoundError as missing:
+    tf = metric_writers = None
+    _TENSORFLOW_MISSING = f"TensorBoard files need TensorFlow and clu ({missing})"
 
 
 def format_seconds(seconds: float) -> str:
@@ -256,6 +263,8 @@ class MetricsLogger:
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, total_steps: int,
                  steps_per_epoch: int, start_step: int):
+        if _TENSORFLOW_MISSING:
+            raise ModuleNotFoundError(_TENSORFLOW_MISSING)
         self.is_chief = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.global_batch_size = config.global_batch_size

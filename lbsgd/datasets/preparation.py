@@ -2,6 +2,8 @@
 rule that only a one-process run prepares on first use, and the lock that lets one of several
 processes prepare while the others wait."""
 
+from __future__ import annotations
+
 import contextlib
 import fcntl
 import io
