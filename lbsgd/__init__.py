@@ -2,7 +2,7 @@
 
 
 def hide_gpus_from_tensorflow():
-    """Import TensorFlow with no GPU visible to it, and return it.
+    """Import TensorFlow with no GPU visible to it, and return it (None if not installed).
 
     TensorFlow comes in with TFDS and clu's TensorBoard writer, for files only; left alone, its
     runtime would take nearly all of every GPU's memory at its first op, memory that JAX needs.
@@ -11,8 +11,10 @@ def hide_gpus_from_tensorflow():
     the dataset preparation command call this first. Called after TF's runtime has started on
     a machine with GPUs, TF refuses: that is an error, not something to carry on from.
     """
-    import tensorflow as tf
-
+    try:
+        import tensorflow as tf
+    except ModuleNotFoundError:
+        return None  # not installed (the lent GPU machines): nothing to hide the GPUs from
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError as error:

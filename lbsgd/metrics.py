@@ -30,16 +30,21 @@ from lbsgd import hide_gpus_from_tensorflow
 from lbsgd.errors import DataError
 
 # Every process that trains or benchmarks imports TensorFlow through this module (and clu):
-# no GPU for it, before it runs anything. Where TensorFlow is not installed (a GPU machine that
-# only benchmarks the step on synthetic data), lbsgd still imports; what writes TensorBoard
-# files then says what is missing.
-_TENSORFLOW_MISSING = None
-try:
-    tf = hide_gpus_from_tensorflow()
+# no GPU for it, before it runs anything. Where TensorFlow is not installed (the lent GPU
+# machines: its wheel is larger than what a call carries), lbsgd trains all the same and
+# writes no TensorBoard events, saying so once: metrics.jsonl and the console have every row.
+tf = hide_gpus_from_tensorflow()
+if tf is not None:
     from clu import metric_writers
-except ModuleNotFoundError as missing:
-    tf = metric_writers = None
-    _TENSORFLOW_MISSING = f"TensorBoard files need TensorFlow and clu ({missing})"
+
+
+class _NoEvents:
+    """The writer where TensorFlow is missing, and on processes other than 0."""
+
+    def write_hparams(self, hparams): pass
+    def write_scalars(self, step, scalars): pass
+    def flush(self): pass
+    def close(self): pass
 
 
 def format_seconds(seconds: float) -> str:
@@ -263,8 +268,6 @@ class MetricsLogger:
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, total_steps: int,
                  steps_per_epoch: int, start_step: int):
-        if _TENSORFLOW_MISSING:
-            raise ModuleNotFoundError(_TENSORFLOW_MISSING)
         self.is_chief = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.global_batch_size = config.global_batch_size
@@ -277,7 +280,7 @@ class MetricsLogger:
             os.makedirs(workdir, exist_ok=True)
             # Both are read and checked before either is rewritten: a refusal touches nothing.
             rows = rows_to_keep(self.path, start_step)
-            events = events_to_keep(workdir, start_step)
+            events = events_to_keep(workdir, start_step) if tf else None
             if rows is not None:
                 replace_file(self.path, rows)
             if events is not None:
@@ -289,8 +292,11 @@ class MetricsLogger:
         # TensorBoard events from process 0 only; the console line below is our own. Created
         # after the clean-up above: the writer opens a new event file, which must not be
         # taken for an old one. Synchronous: _write flushes every row anyway.
-        self.writer = (metric_writers.SummaryWriter(workdir) if self.is_chief
-                       else metric_writers.MultiWriter([]))
+        self.writer = (metric_writers.SummaryWriter(workdir) if self.is_chief and tf
+                       else _NoEvents())
+        if self.is_chief and not tf:
+            logging.warning("TensorFlow is not installed: no TensorBoard events; "
+                            "metrics.jsonl and the console have every row")
         if start_step == 0:  # once per run: a resume must not add a second session
             self.writer.write_hparams(_hparams(config))
 

@@ -190,21 +190,23 @@ def test_scaling_model_formulas():
 
 WITHOUT_TENSORFLOW = r'''
 import sys
-import benchmarks.train_step, lbsgd.train  # the step benchmark and everything it imports
+import benchmarks.train_step, lbsgd.train  # the step benchmark and everything a run imports
+from lbsgd.config import default_config
 from lbsgd.metrics import MetricsLogger
 assert "tensorflow" not in sys.modules
-try:
-    MetricsLogger(sys.argv[1], None, total_steps=1, steps_per_epoch=1, start_step=0)
-except ModuleNotFoundError as error:
-    print(error)
+logger = MetricsLogger(sys.argv[1], default_config(), total_steps=2, steps_per_epoch=2,
+                       start_step=0)
+logger.write_eval(2, {"eval_top1": 0.5, "eval_top5": 1.0, "eval_loss": 1.0})
+logger.close()
 '''
 
 
-def test_the_step_benchmark_imports_where_tensorflow_is_not_installed(tmp_path):
+def test_lbsgd_imports_and_logs_where_tensorflow_is_not_installed(tmp_path):
     """The lent GPU machines have JAX but no TensorFlow (its wheel is larger than what a call
-    carries): the step benchmark, on synthetic data, must not need it. The installed packages
-    are linked into a folder without TensorFlow and clu and Python starts without its own
-    site-packages (-S); only writing TensorBoard files then stops, saying why."""
+    carries): the step benchmark and a run must not need it. The installed packages are linked
+    into a folder without TensorFlow and clu, Python starts without its own site-packages
+    (-S), and a MetricsLogger writes its row to metrics.jsonl with no TensorBoard events,
+    saying so."""
     import sysconfig
 
     site = tmp_path / "site"
@@ -214,10 +216,13 @@ def test_the_step_benchmark_imports_where_tensorflow_is_not_installed(tmp_path):
         if not entry.name.lower().startswith(("tensorflow-", "tensorflow_cpu", "clu", "keras",
                                               "tf_keras")) and entry.name != "tensorflow":
             (site / entry.name).symlink_to(entry)
+    workdir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-S", "-c", WITHOUT_TENSORFLOW, str(tmp_path / "run")], cwd=ROOT,
+        [sys.executable, "-S", "-c", WITHOUT_TENSORFLOW, str(workdir)], cwd=ROOT,
         env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}, capture_output=True,
         text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "TensorBoard files need TensorFlow and clu (No module named 'tensorflow')" in (
-        result.stdout)
+    assert "TensorFlow is not installed: no TensorBoard events" in result.stderr
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval_top1"]) for r in rows] == [(2, 0.5)]
+    assert not list(workdir.glob("events.out.tfevents.*"))
