@@ -273,7 +273,7 @@ class MetricsLogger:
         self.global_batch_size = config.global_batch_size
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.last_step, self.last_time = start_step, time.perf_counter()
-        # Train steps only (compilation and evaluation excluded): the ETA and the run's mean
+        # Train steps only (compilation, evaluation, saving excluded): the ETA and the mean
         # throughput.
         self.train_seconds, self.train_steps = 0.0, 0
         if self.is_chief:
@@ -311,12 +311,12 @@ class MetricsLogger:
         self.writer.flush()
 
     def restart_clock(self, step: int) -> None:
-        """Time spent since the last row is not training time (compilation, evaluation)."""
+        """Time spent since the last row is not training time (compilation, evaluation, saving)."""
         self.last_step, self.last_time = step, time.perf_counter()
 
     @property
     def mean_images_per_sec(self) -> float | None:
-        """Over the train steps timed so far (compilation and evaluation excluded)."""
+        """Over the train steps timed so far (compilation, evaluation and saving excluded)."""
         if not self.train_seconds:
             return None
         return self.global_batch_size * self.train_steps / self.train_seconds

@@ -570,6 +570,8 @@ def _loop(ex: Experiment, state: TrainState, start_step: int, logger: MetricsLog
                 ckpt.save(step, state, config)
             if evaluate_now:  # every evaluated step is saved: the best follows its save
                 best.offer(step, state, config, evaluation, latest=ckpt)
+            if evaluate_now or save_now:  # not train time: out of the next row's img/s
+                logger.restart_clock(step)
             if preempted and preemption.interrupted:
                 raise Interrupted(f"interrupted: saved the checkpoint at step {step}; "
                                   "rerun the same command to resume")

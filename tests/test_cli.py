@@ -1,7 +1,9 @@
 """The public command, started as a user would: python -m lbsgd.main --config=... --workdir=..."""
 
 import ast
+import datetime
 import json
+import re
 import subprocess
 import sys
 
@@ -25,6 +27,12 @@ from tests.helpers import (
 # bs256.py at a resolution and size a CPU trains in seconds.
 SMALL_BS256 = ("--config.image_size=32", "--config.model=resnet18", "--config.max_steps=2",
                "--config.log_every_steps=1")
+
+
+def _time_of_day(timestamp: float) -> float:
+    """Seconds since local midnight: what the console's log lines show."""
+    moment = datetime.datetime.fromtimestamp(timestamp)
+    return moment.hour * 3600 + moment.minute * 60 + moment.second + moment.microsecond / 1e6
 
 
 @pytest.mark.slow
@@ -51,6 +59,15 @@ def test_demo_gradual_warmup_reaches_the_scaled_rate_at_the_end_of_epoch_one(tmp
 
     eval_rows = [r for r in rows if "eval_top1" in r]
     assert [r["step"] for r in eval_rows] == [steps_per_epoch, 2 * steps_per_epoch]
+    # Evaluation and saving (the epoch's checkpoint, then the new best) are not train time:
+    # the throughput of the step after them counts from after the console says the best was
+    # saved. Counted from the eval row, its window would hold the saves' seconds as well.
+    after = next(r for r in train_rows if r["step"] == steps_per_epoch + 1)
+    window_start = _time_of_day(after["time"]) - 512 / after["images_per_sec"]
+    best_saved = re.search(rf"^I\d{{4}} (\d\d):(\d\d):(\d\d\.\d+) .*new best eval top-1 "
+                           rf"[\d.]+ at step {steps_per_epoch}:", result.stderr, re.MULTILINE)
+    hours, minutes, seconds = best_saved.groups()
+    assert window_start >= int(hours) * 3600 + int(minutes) * 60 + float(seconds) - 0.005
     assert all(0 <= r["eval_top1"] <= r["eval_top5"] <= 1 for r in eval_rows)
 
     config = json.loads((tmp_path / "config.json").read_text())
