@@ -1,10 +1,12 @@
 """Shared by the tests: small configs (real MNIST images, tiny ResNets) and the CLI runner."""
 
 import atexit
+import fcntl
 import functools
 import gzip
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -45,6 +47,28 @@ def tiny_config(**overrides):
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def made_once(tmp_path_factory, name: str, make):
+    """(directory, what `make(directory)` returned): made once per test session, whichever
+    of its processes asks first, and shared by all of them.
+
+    Under pytest-xdist every worker sets up its own session fixtures, so a run that a fixture
+    makes would be made once per worker (the evaluate run: 100 s each). The first worker to
+    ask makes it in the session's common temporary root, holding a file lock; the others
+    wait for the lock, then reuse the directory and the pickled return value. Its users must
+    only read the directory (or copy it), as they already must within one process."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "made-once"
+    root.mkdir(exist_ok=True)
+    directory, made = root / name, root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not made.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            made.write_bytes(pickle.dumps(make(directory)))
+        return directory, pickle.loads(made.read_bytes())
 
 
 def lbsgd_command(workdir, *overrides, config="configs/demo.py") -> list[str]:

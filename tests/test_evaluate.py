@@ -19,7 +19,7 @@ from lbsgd import evaluate, export, inference, train
 from lbsgd.datasets import load_dataset
 from lbsgd.datasets.augment import record_transforms
 from lbsgd.errors import CheckpointError, ConfigError, WorkdirError
-from tests.helpers import REPO, lbsgd_env, metrics_rows, run_lbsgd, tiny_config
+from tests.helpers import REPO, lbsgd_env, made_once, metrics_rows, run_lbsgd, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +57,20 @@ def _same_evaluation(result: dict, row: dict) -> None:
 @pytest.fixture(scope="session")
 def run(tmp_path_factory):
     """(workdir, stderr) of a finished 4-step run."""
-    workdir = tmp_path_factory.mktemp("evaluate") / "run"
-    result = run_lbsgd(workdir, *RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result.stderr
+    def make(directory):
+        result = run_lbsgd(directory / "run", *RUN)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    directory, stderr = made_once(tmp_path_factory, "evaluate", make)
+    return directory / "run", stderr
 
 
 @pytest.fixture(scope="session")
-def evaluated(run):
+def evaluated(run, tmp_path_factory):
     """What `python -m lbsgd.evaluate` prints for the run's latest checkpoint."""
-    return _printed(_command("evaluate", run[0]))
+    return made_once(tmp_path_factory, "evaluated",
+                     lambda _: _printed(_command("evaluate", run[0])))[1]
 
 
 def test_evaluate_reproduces_the_runs_own_evaluation_of_that_step(run, evaluated):

@@ -7,13 +7,14 @@ come from a full run: the same plots and tables, other numbers)."""
 import dataclasses
 import os
 import re
+from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from tests.helpers import REPO, lbsgd_env, write_fashion, write_image_folder
+from tests.helpers import REPO, lbsgd_env, made_once, write_fashion, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -68,11 +69,11 @@ def fashion_mnist_stand_in(root):
 class Execution:
     name: str
     notebook: nbformat.NotebookNode = dataclasses.field(repr=False)  # with this run's outputs
-    error: CellExecutionError | None
+    error: str | None  # the CellExecutionError's text
     left_behind: list[str]  # lbsgd-* entries in the kernel's temporary directory
 
 
-_EXECUTIONS: dict[str, Execution] = {}  # name -> its one execution in this test process
+_EXECUTIONS: dict[str, Execution] = {}  # name -> its one execution, read by this process
 
 
 @pytest.fixture(scope="module", params=NOTEBOOKS)
@@ -80,13 +81,13 @@ def execution(request, tmp_path_factory) -> Execution:
     """The notebook's one execution, shared by the tests of that notebook. Kept beyond the
     fixture's life: pytest sets a parametrized fixture up again whenever the next test takes
     another parameter, and pytest-xdist does not order a worker's tests by parameter."""
-    if request.param not in _EXECUTIONS:
-        _EXECUTIONS[request.param] = _execute(request.param, tmp_path_factory)
+    if request.param not in _EXECUTIONS:  # and once per session (the test processes share it)
+        _EXECUTIONS[request.param] = made_once(
+            tmp_path_factory, request.param, lambda scratch: _execute(request.param, scratch))[1]
     return _EXECUTIONS[request.param]
 
 
-def _execute(name: str, tmp_path_factory) -> Execution:
-    scratch = tmp_path_factory.mktemp(name)
+def _execute(name: str, scratch: Path) -> Execution:
     kernel_tmp = scratch / "tmp"
     kernel_tmp.mkdir()
     notebook = nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
@@ -116,7 +117,7 @@ def _execute(name: str, tmp_path_factory) -> Execution:
             client.execute()
             error = None
         except CellExecutionError as raised:
-            error = raised
+            error = str(raised)
     return Execution(name, notebook, error, sorted(p.name for p in kernel_tmp.glob("lbsgd-*")))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import REPO, lbsgd_command, lbsgd_env, metrics_rows, run_lbsgd
+from tests.helpers import REPO, lbsgd_command, lbsgd_env, made_once, metrics_rows, run_lbsgd
 
 pytestmark = pytest.mark.slow
 
@@ -70,10 +70,12 @@ def _checkpoint_steps(workdir):
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """The rows of an uninterrupted run."""
-    workdir = tmp_path_factory.mktemp("reference")
-    result = run_lbsgd(workdir, *RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return _trajectory(metrics_rows(workdir))
+    def make(workdir):
+        result = run_lbsgd(workdir, *RUN)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return _trajectory(metrics_rows(workdir))
+
+    return made_once(tmp_path_factory, "reliability-reference", make)[1]
 
 
 def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_rows(tmp_path, reference):
@@ -258,11 +260,12 @@ def test_a_second_ctrl_c_exits_at_once():
 @pytest.fixture(scope="session")
 def six_steps(tmp_path_factory):
     """A finished 6-step run (checkpoints 5 and 6), to copy and break."""
-    workdir = tmp_path_factory.mktemp("six") / "run"
-    result = run_lbsgd(workdir, *RUN, "--config.max_steps=6")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert _checkpoint_steps(workdir) == [5, 6]
-    return workdir
+    def make(directory):
+        result = run_lbsgd(directory / "run", *RUN, "--config.max_steps=6")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _checkpoint_steps(directory / "run") == [5, 6]
+
+    return made_once(tmp_path_factory, "six-steps", make)[0] / "run"
 
 
 def test_when_no_checkpoint_restores_every_rerun_stops_and_nothing_moves(tmp_path, six_steps):

@@ -13,19 +13,20 @@ from ml_collections import ConfigDict
 
 from lbsgd import noise_scale, report, train
 from lbsgd.optim import learning_rate_schedule
-from tests.helpers import REPO, metrics_rows, tiny_config
+from tests.helpers import REPO, made_once, metrics_rows, tiny_config
 
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """Three real short runs: two seeds of kn = 64 and one run of kn = 128."""
-    root = tmp_path_factory.mktemp("runs")
-    settings = {"kn64-seed0": dict(seed=0), "kn64-seed1": dict(seed=1),
-                "kn128-seed0": dict(seed=0, global_batch_size=128)}
-    for name, overrides in settings.items():
-        config = tiny_config(max_steps=4, log_every_steps=1, warmup="none", **overrides)
-        train.train_and_evaluate(config, str(root / name))
-    return root
+    def make(root):
+        settings = {"kn64-seed0": dict(seed=0), "kn64-seed1": dict(seed=1),
+                    "kn128-seed0": dict(seed=0, global_batch_size=128)}
+        for name, overrides in settings.items():
+            config = tiny_config(max_steps=4, log_every_steps=1, warmup="none", **overrides)
+            train.train_and_evaluate(config, str(root / name))
+
+    return made_once(tmp_path_factory, "report-runs", make)[0]
 
 
 def test_seeds_are_grouped_as_mean_and_std_of_the_runs_own_rows(runs, tmp_path):
