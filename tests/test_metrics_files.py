@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, lbsgd_command, lbsgd_env, metrics_rows, run_lbsgd
+from tests.helpers import REPO, lbsgd_command, lbsgd_env, made_once, metrics_rows, run_lbsgd
 from tests.test_reliability import _checkpoint_steps, _readable_rows
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,10 @@ def resumed(tmp_path_factory):
     """A run killed (-9) past its first checkpoint, its files then torn as a crash mid-write
     tears them, and rerun to the end. Returns (workdir, rerun's stderr, the bytes of the
     files before the rerun, hard links to those files' inodes)."""
-    root = tmp_path_factory.mktemp("metrics-files")
+    return made_once(tmp_path_factory, "metrics-files-resumed", _kill_tear_and_rerun)[1]
+
+
+def _kill_tear_and_rerun(root):
     workdir = root / "run"
     with open(root / "killed.log", "w") as log:
         process = subprocess.Popen(lbsgd_command(workdir, *RUN), cwd=REPO, stdout=log,
@@ -139,9 +142,14 @@ BAD_LINES = {
 def refused(resumed, tmp_path_factory):
     """Each BAD_LINES damage done to a copy of the finished run, then rerun; both reruns at
     once, to halve the wait. Returns {name: (workdir, files before, completed process)}."""
+    return made_once(tmp_path_factory, "metrics-files-refused",
+                     lambda root: _damage_and_rerun(resumed, root))[1]
+
+
+def _damage_and_rerun(resumed, root):
     started = {}
     for name, (number, edit) in BAD_LINES.items():
-        workdir = tmp_path_factory.mktemp("refused") / "run"
+        workdir = root / name / "run"
         shutil.copytree(resumed[0], workdir)
         path = workdir / "metrics.jsonl"
         lines = path.read_text().splitlines(keepends=True)
