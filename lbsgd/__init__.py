@@ -13,7 +13,9 @@ def hide_gpus_from_tensorflow():
     """
     try:
         import tensorflow as tf
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as error:
+        if error.name != "tensorflow":
+            raise  # installed but broken: say so, not train without TensorBoard
         return None  # not installed (the lent GPU machines): nothing to hide the GPUs from
     try:
         tf.config.set_visible_devices([], "GPU")
