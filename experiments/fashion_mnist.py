@@ -70,7 +70,9 @@ def cpu_env(kn: int, plan: Plan) -> dict[str, str]:
 
 def run(out: Path, name: str, kn: int, warmup: str, seed: int, plan: Plan,
         passthrough: list[str]) -> Path:
-    """One run of the public command (skipped when finished); its workdir."""
+    """One run of the public command (skipped when finished); its workdir. Its console goes
+    to out/logs/NAME.log (appended to by a resume); a failed run stops the study with the end
+    of that log."""
     workdir = out / "runs" / f"{name}-seed{seed}"
     if not _finished(workdir):
         command = [sys.executable, "-m", "lbsgd.main", "--config=configs/fashion_mnist.py",
@@ -80,8 +82,15 @@ def run(out: Path, name: str, kn: int, warmup: str, seed: int, plan: Plan,
                    "--config.log_every_steps=1", "--config.checkpoint_every_steps=100000",
                    "--config.keep_checkpoints=1", *plan.extra, *passthrough]
         print("+", " ".join(command[3:]), flush=True)
-        subprocess.run(command, cwd=REPO, check=True, capture_output=True,
-                       env=cpu_env(kn, plan))
+        log = out / "logs" / f"{workdir.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as console:
+            code = subprocess.run(command, cwd=REPO, stdout=console, stderr=subprocess.STDOUT,
+                                  env=cpu_env(kn, plan)).returncode
+        if code:
+            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            sys.exit(f"{workdir.name} failed ({how}); the end of {log}:\n"
+                     f"{log.read_text()[-3000:]}")
     return workdir
 
 

@@ -21,6 +21,8 @@ def test_quick_study_runs_every_kind_of_run_then_reports(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "study" / "runs").iterdir())
     assert runs == ["kn128-constant-seed0", "kn128-none-seed0", "kn128-seed0", "kn64-seed0"]
+    for run in runs:  # each run's console, kept
+        assert "done: final eval top1" in (tmp_path / "study" / "logs" / f"{run}.log").read_text()
     for run in runs:
         rows = metrics_rows(tmp_path / "study" / "runs" / run)
         assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
@@ -40,6 +42,18 @@ def test_quick_study_runs_every_kind_of_run_then_reports(tmp_path):
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                            env=lbsgd_env())
     assert again.returncode == 0 and "+ " not in again.stdout
+
+
+def test_a_failed_run_stops_the_study_with_the_end_of_its_console(tmp_path):
+    command = [sys.executable, "experiments/fashion_mnist.py", "--quick", "--out",
+               str(tmp_path / "study"), "--config.model=resnet7"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=lbsgd_env())
+    assert result.returncode == 1
+    log = tmp_path / "study" / "logs" / "kn64-seed0.log"
+    assert f"kn64-seed0 failed (exit status 1); the end of {log}:" in result.stderr
+    assert "lbsgd: invalid config: model" in result.stderr  # the run's own one-line error
+    assert "Traceback" not in result.stderr
 
 
 def test_the_pre_registered_readings_follow_the_rules_written_in_results_md():
