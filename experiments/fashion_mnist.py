@@ -12,8 +12,9 @@ resumes, so the study may span several sittings. In this order:
    warmup with seeds 0-2.
 
 Then one report per question (`lbsgd.report`: report-fig1, report-warmup, report-fig4) and
-`summary.json` with the pre-registered numbers. `--quick` runs a few steps of each kind of
-run on any Fashion-MNIST-shaped data (the tests' own IDX files).
+`summary.json` with the pre-registered numbers and their readings by the rules fixed in
+advance. Each run's console is kept in logs/. `--quick` runs a few steps of each kind of run
+on any Fashion-MNIST-shaped data (the tests' own IDX files).
 """
 
 import argparse
