@@ -347,8 +347,6 @@ class MetricsLogger:
         self._write({"step": step, "epoch": step / self.steps_per_epoch, **values})
         logging.info("eval at step %d | top1 %.4f | top5 %.4f | loss %.4f", step,
                      values["eval_top1"], values["eval_top5"], values["eval_loss"])
-        # Evaluation time is not training time: restart the throughput clock.
-        self.restart_clock(step)
 
     def close(self) -> None:
         self.writer.flush()
